@@ -1,0 +1,5 @@
+"""llmstack: declarative launcher and benchmark harness for serving LLMs on Intel GPUs, CPUs and NVIDIA GPUs."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

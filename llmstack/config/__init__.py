@@ -1,0 +1,1 @@
+"""Typed run config: schema (dataclasses), ConfigStore registration, resolution and validation rules."""

@@ -1,0 +1,85 @@
+"""Turn Hydra's composed DictConfig into a typed, fully resolved RunConfig.
+
+Resolution fills the values a user may leave to llmstack: the device behind `auto`, the low-bit format
+behind `auto`, the served name, context length, interpreter and the generated model's path. It reads the
+host (device inventory) but starts nothing and writes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from llmstack import devices
+from llmstack.config.schema import LowBitConfig, RunConfig
+from llmstack.errors import ConfigError
+
+DEVICE_CHOICES = ("auto", "cpu", "xpu", "cuda")
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """The composed config as dataclasses; a missing mandatory value becomes a ConfigError."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        key = missing[0]
+        raise ConfigError(key, "???", "is required and has no value.", hint=f"Set it: {key}=...")
+    try:
+        run = OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as exc:
+        key = exc.full_key or "?"
+        raise ConfigError(key, "???", "is required and has no value.", hint=f"Set it: {key}=...") from exc
+    except OmegaConfBaseException as exc:
+        raise ConfigError(exc.full_key or "?", "?", str(exc).splitlines()[0]) from exc
+    assert isinstance(run, RunConfig)
+    return run
+
+
+def load_low_bit(config_dir: Path, name: str) -> LowBitConfig:
+    """One low_bit group option, read from configs/low_bit/<name>.yaml."""
+    path = config_dir / "low_bit" / f"{name}.yaml"
+    if not path.is_file():
+        choices = sorted(p.stem for p in (config_dir / "low_bit").glob("*.yaml") if p.stem != "auto")
+        raise ConfigError("low_bit", name, "has no file in configs/low_bit.", choices)
+    raw = OmegaConf.load(path)
+    raw.pop("defaults", None)
+    merged = OmegaConf.merge(OmegaConf.structured(LowBitConfig), raw)
+    low_bit = OmegaConf.to_object(merged)
+    assert isinstance(low_bit, LowBitConfig)
+    return low_bit
+
+
+def resolve(
+    run: RunConfig,
+    config_dir: Path,
+    inventory: devices.Inventory | None = None,
+) -> RunConfig:
+    from llmstack.engines import get_engine
+
+    if run.device.name not in DEVICE_CHOICES:
+        raise ConfigError("device", run.device.name, "is not a device kind.", DEVICE_CHOICES)
+    engine = get_engine(run.engine.name)
+
+    device = run.device
+    if device.name == "auto" or device.count is None:
+        inventory = inventory or devices.detect()
+        name = inventory.best() if device.name == "auto" else device.name
+        count = inventory.count(name) if device.count is None else device.count
+        device = dataclasses.replace(device, name=name, count=count)
+
+    low_bit = run.low_bit
+    if low_bit.name == "auto":
+        low_bit = load_low_bit(config_dir, engine.default_low_bit(run.engine))
+
+    model = run.model
+    if model.generator == "tiny" and model.path is None:
+        from llmstack.models.tiny import tiny_model_dir
+
+        model = dataclasses.replace(model, path=str(tiny_model_dir()))
+    if model.served_name is None:
+        model = dataclasses.replace(model, served_name=model.name)
+
+    resolved = dataclasses.replace(run, device=device, low_bit=low_bit, model=model)
+    return dataclasses.replace(resolved, engine=engine.resolve(resolved))

@@ -1,0 +1,29 @@
+"""Registers the schemas in Hydra's ConfigStore, so every YAML in configs/ is typed."""
+
+from __future__ import annotations
+
+from hydra.core.config_store import ConfigStore
+
+from llmstack.config.schema import (
+    BenchmarkConfig,
+    DeviceConfig,
+    LowBitConfig,
+    ModelConfig,
+    RunConfig,
+    VllmEngineConfig,
+)
+
+ENGINE_SCHEMAS: dict[str, type] = {"vllm": VllmEngineConfig}
+
+
+def register_schemas() -> None:
+    cs = ConfigStore.instance()
+    # Kept out of the user-facing groups, so `engine=` lists only real engines: each YAML pulls its
+    # schema in with `- /schema/<group>/<name>@_here_`.
+    cs.store(group="schema", name="run", node=RunConfig)
+    for name, schema in ENGINE_SCHEMAS.items():
+        cs.store(group="schema/engine", name=name, node=schema)
+    cs.store(group="schema/model", name="model", node=ModelConfig)
+    cs.store(group="schema/low_bit", name="low_bit", node=LowBitConfig)
+    cs.store(group="schema/device", name="device", node=DeviceConfig)
+    cs.store(group="schema/benchmark", name="benchmark", node=BenchmarkConfig)

@@ -1,0 +1,198 @@
+"""Every rule a run config must pass before anything starts.
+
+Config rules look only at the config. Host rules look at this machine (ports, paths, interpreters,
+devices); `dry_run=true` skips them, since a plan is often rendered for another machine.
+The first broken rule is raised as a ConfigError naming the key, the value and the valid choices.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+from llmstack.config.resolve import load_low_bit
+from llmstack.config.schema import RunConfig
+from llmstack.errors import ConfigError
+
+BENCHMARK_CHOICES = ("none", "smoke", "online")
+ENDPOINT_CHOICES = ("completions", "chat")
+
+
+def validate(run: RunConfig, config_dir: Path, *, host_checks: bool = True) -> None:
+    for error in config_problems(run, config_dir):
+        raise error
+    if host_checks:
+        for error in host_problems(run):
+            raise error
+
+
+def config_problems(run: RunConfig, config_dir: Path) -> Iterator[ConfigError]:
+    from llmstack.engines import get_engine
+
+    engine = get_engine(run.engine.name)
+    if run.model.path is None:
+        yield ConfigError(
+            "model.path",
+            None,
+            f"is required for model={run.model.name}.",
+            hint="Point it at a local Hugging Face model directory: model.path=/path/to/model.",
+        )
+    yield from _range_problems(run)
+    yield from engine.check(run)
+    if (reason := engine.low_bit_problem(run, run.low_bit)) is not None:
+        yield ConfigError(
+            "low_bit",
+            run.low_bit.name,
+            f"{_engine_label(run)} on device={run.device.name} cannot run it: {reason}",
+            valid_low_bits(run, config_dir),
+        )
+    yield from _parallelism_problems(run)
+    yield from _benchmark_problems(run)
+
+
+def host_problems(run: RunConfig) -> Iterator[ConfigError]:
+    from llmstack.engines import get_engine
+
+    e = run.engine
+    if not _is_executable(e.python):
+        yield ConfigError("engine.python", e.python, "is not an executable interpreter on this machine.")
+        return
+    module = get_engine(e.name).required_module(run)
+    if not module_available(e.python, module):
+        yield ConfigError(
+            "engine.python",
+            e.python,
+            f"cannot import '{module}', which {_engine_label(run)} needs.",
+            hint="Install it there (pip install -e '.[cpu]' for vLLM on CPU) or point engine.python at "
+            "an interpreter that has it.",
+        )
+    if run.model.generator is None and not Path(str(run.model.path)).exists():
+        yield ConfigError(
+            "model.path",
+            run.model.path,
+            "does not exist on this machine.",
+            hint="Point model.path at a local model directory, or set LLMSTACK_MODELS to the folder holding "
+            "the checked-in models' directories (model=tiny needs no files).",
+        )
+    if e.port != 0 and not port_is_free(e.host, e.port):
+        yield ConfigError(
+            "engine.port",
+            e.port,
+            f"is already in use on {e.host}.",
+            hint="Stop what listens there, choose another engine.port, or engine.port=0 for a free one.",
+        )
+
+
+def valid_low_bits(run: RunConfig, config_dir: Path) -> list[str]:
+    from llmstack.engines import get_engine
+
+    engine = get_engine(run.engine.name)
+    names = sorted(p.stem for p in (config_dir / "low_bit").glob("*.yaml") if p.stem != "auto")
+    return [n for n in names if engine.low_bit_problem(run, load_low_bit(config_dir, n)) is None]
+
+
+def port_is_free(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # SO_REUSEADDR as servers set it: a port in TIME_WAIT is free for them too.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def module_available(python: str, module: str) -> bool:
+    """Whether `python` can import `module`, without importing it (vLLM takes seconds to import)."""
+    probe = f"import importlib.util, sys; sys.exit(importlib.util.find_spec({module!r}) is None)"
+    try:
+        return subprocess.run([python, "-c", probe], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _is_executable(path: str | None) -> bool:
+    return bool(path) and os.path.isfile(str(path)) and os.access(str(path), os.X_OK)
+
+
+def _engine_label(run: RunConfig) -> str:
+    flavour = getattr(run.engine, "flavour", None)
+    return f"engine={run.engine.name} ({flavour})" if flavour else f"engine={run.engine.name}"
+
+
+def _range_problems(run: RunConfig) -> Iterator[ConfigError]:
+    e = run.engine
+    if not 0 <= e.port <= 65535:
+        yield ConfigError("engine.port", e.port, "is not a TCP port (0-65535; 0 picks a free one).")
+    if not e.host:
+        yield ConfigError("engine.host", e.host, "is empty.", hint="Use 127.0.0.1, or 0.0.0.0 to publish.")
+    positive = {
+        "engine.tensor_parallel_size": e.tensor_parallel_size,
+        "engine.pipeline_parallel_size": e.pipeline_parallel_size,
+        "engine.max_num_seqs": e.max_num_seqs,
+        "engine.max_num_batched_tokens": e.max_num_batched_tokens,
+        "engine.max_model_len": e.max_model_len,
+        "engine.cpu_kvcache_space_gib": getattr(e, "cpu_kvcache_space_gib", 1),
+        "model.max_model_len": run.model.max_model_len,
+    }
+    for key, value in positive.items():
+        if value is not None and value < 1:
+            yield ConfigError(key, value, "must be at least 1.")
+    for key, value in {"engine.startup_timeout_s": e.startup_timeout_s, "engine.shutdown_grace_s": e.shutdown_grace_s}.items():
+        if not value > 0 or math.isinf(value):
+            yield ConfigError(key, value, "must be a positive number of seconds.")
+    gmu = getattr(e, "gpu_memory_utilization", None)
+    if gmu is not None and not 0 < gmu <= 1:
+        yield ConfigError("engine.gpu_memory_utilization", gmu, "is a fraction of device memory, in (0, 1].")
+
+
+def _parallelism_problems(run: RunConfig) -> Iterator[ConfigError]:
+    e = run.engine
+    wanted = e.tensor_parallel_size * e.pipeline_parallel_size
+    available = run.device.count
+    if run.device.ids is not None:
+        available = len(run.device.ids) if available is None else min(available, len(run.device.ids))
+    if available is not None and wanted > available:
+        yield ConfigError(
+            "engine.tensor_parallel_size",
+            e.tensor_parallel_size,
+            f"tensor x pipeline parallel = {e.tensor_parallel_size} x {e.pipeline_parallel_size} = {wanted} "
+            f"devices, but device={run.device.name} has {available}.",
+            hint="Lower engine.tensor_parallel_size or engine.pipeline_parallel_size, or set device.count "
+            "when planning for another machine.",
+        )
+
+
+def _benchmark_problems(run: RunConfig) -> Iterator[ConfigError]:
+    b = run.benchmark
+    if b.name not in BENCHMARK_CHOICES:
+        yield ConfigError("benchmark.name", b.name, "is not a benchmark phase.", BENCHMARK_CHOICES)
+        return
+    if b.name == "none":
+        return
+    if b.endpoint not in ENDPOINT_CHOICES:
+        yield ConfigError("benchmark.endpoint", b.endpoint, "is not an endpoint.", ENDPOINT_CHOICES)
+    if not b.concurrency:
+        yield ConfigError("benchmark.concurrency", b.concurrency, "needs at least one load level.")
+    for level in b.concurrency:
+        if level < 1:
+            yield ConfigError("benchmark.concurrency", level, "must be at least 1.")
+    for key in ("num_prompts", "input_len", "output_len"):
+        if getattr(b, key) < 1:
+            yield ConfigError(f"benchmark.{key}", getattr(b, key), "must be at least 1.")
+    if b.warmup_requests < 0:
+        yield ConfigError("benchmark.warmup_requests", b.warmup_requests, "must be 0 or more.")
+    context = run.engine.max_model_len
+    if context is not None and b.input_len + b.output_len > context:
+        yield ConfigError(
+            "benchmark.input_len",
+            b.input_len,
+            f"input_len + output_len = {b.input_len + b.output_len} exceeds the served context "
+            f"engine.max_model_len={context}.",
+            hint="Shorten the benchmark's lengths or raise engine.max_model_len.",
+        )

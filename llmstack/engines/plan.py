@@ -1,0 +1,72 @@
+"""What an engine hands the supervisor: a pure description of one server process."""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import asdict, dataclass, field
+
+SECRET_ENV_KEYS = ("VLLM_API_KEY", "OPENAI_API_KEY", "HF_TOKEN")
+
+
+@dataclass(frozen=True)
+class ReadyProbe:
+    """Ready = GET health_path answers 200 AND the process is alive AND models_path lists served_name."""
+
+    base_url: str
+    served_name: str
+    health_path: str = "/health"
+    models_path: str = "/v1/models"
+    api_key: str | None = None
+    timeout_s: float = 900.0
+    interval_s: float = 0.25
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    engine: str
+    argv: tuple[str, ...]
+    # Only what llmstack adds to (or changes in) the inherited environment.
+    env: dict[str, str]
+    probe: ReadyProbe
+    cwd: str | None = None
+    log_name: str = "server.log"
+    shutdown_grace_s: float = 15.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def interpreter(self) -> str:
+        return self.argv[0]
+
+    def shell_command(self, mask_secrets: bool = True) -> str:
+        """The plan as a shell snippet a user can paste: exports, then the command."""
+        lines = [f"export {k}={shlex.quote(self._shown(k, v, mask_secrets))}" for k, v in sorted(self.env.items())]
+        lines.append(" \\\n  ".join(_argv_lines(self.argv)))
+        return "\n".join(lines)
+
+    def to_dict(self, mask_secrets: bool = True) -> dict:
+        data = asdict(self)
+        data["argv"] = list(self.argv)
+        data["env"] = {k: self._shown(k, v, mask_secrets) for k, v in sorted(self.env.items())}
+        if mask_secrets and self.probe.api_key:
+            data["probe"]["api_key"] = "***"
+        return data
+
+    @staticmethod
+    def _shown(key: str, value: str, mask: bool) -> str:
+        return "***" if mask and key in SECRET_ENV_KEYS else value
+
+
+def _argv_lines(argv: tuple[str, ...]) -> list[str]:
+    """Group `--flag value` pairs so a printed command reads one option per line."""
+    quoted = [shlex.quote(a) for a in argv]
+    lines: list[str] = []
+    i = 0
+    while i < len(quoted):
+        start = i
+        i += 1
+        if start == 0 and i < len(quoted) and argv[i] == "-m":
+            i += 2  # python -m module
+        elif argv[start].startswith("-") and i < len(quoted) and not argv[i].startswith("--"):
+            i += 1
+        lines.append(" ".join(quoted[start:i]))
+    return lines

@@ -1,0 +1,1 @@
+"""Run directories and what is written into them."""

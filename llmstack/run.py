@@ -1,0 +1,161 @@
+"""One run, end to end: resolve, validate, plan, then (unless dry_run) serve, benchmark, record, tear down."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from llmstack.config.resolve import resolve, to_run_config
+from llmstack.config.schema import RunConfig
+from llmstack.config.validate import validate
+from llmstack.engines import get_engine
+from llmstack.engines.plan import LaunchPlan
+from llmstack.errors import LlmstackError
+from llmstack.results.rundir import RunDir
+
+logger = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig, config_dir: Path) -> dict[str, Any] | None:
+    """Returns the run's summary, or None for a dry run."""
+    requested = to_run_config(cfg)
+    resolved = resolve(requested, config_dir)
+    validate(resolved, config_dir, host_checks=not resolved.dry_run)
+    if resolved.engine.port == 0:
+        resolved = dataclasses.replace(
+            resolved, engine=dataclasses.replace(resolved.engine, port=free_port(resolved.engine.host))
+        )
+    plan = get_engine(resolved.engine.name).plan(resolved)
+    if resolved.dry_run:
+        print(render_dry_run(resolved, plan))
+        return None
+    return Session(resolved, plan).execute()
+
+
+class Session:
+    """The live part of a run. Everything it starts is stopped before execute() returns or raises."""
+
+    def __init__(self, run: RunConfig, plan: LaunchPlan) -> None:
+        self.run = run
+        self.plan = plan
+        self.rundir = RunDir.create(run.results_dir, run.experiment_name, run.run_name)
+        self.summary: dict[str, Any] = {
+            "status": "running",
+            "phase": "setup",
+            "run_dir": str(self.rundir.path),
+            "engine": plan.engine,
+            "model": run.model.name,
+            "low_bit": run.low_bit.name,
+            "device": run.device.name,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+
+    def execute(self) -> dict[str, Any]:
+        from llmstack.logs import add_file_logging
+        from llmstack.supervisor import ServerProcess, terminate_raises
+
+        handler = add_file_logging(self.rundir.file("llmstack.log"))
+        logger.info("run directory: %s", self.rundir.path)
+        self._record_inputs()
+        try:
+            with terminate_raises():
+                self._prepare_model()
+                self.summary["phase"] = "startup"
+                echo = _engine_echo if self.run.show_engine_log else None
+                with ServerProcess(self.plan, self.rundir.file(self.plan.log_name), echo=echo) as server:
+                    self.summary["ready_s"] = round(server.wait_ready(), 3)
+                    server.echo = None if self.run.benchmark.name != "none" else echo
+                    self._after_ready(server)
+            self.summary["status"] = "ok"
+        except (LlmstackError, KeyboardInterrupt) as exc:
+            self.summary["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            self.summary["error"] = str(exc) if str(exc) else type(exc).__name__
+            raise
+        finally:
+            self.summary["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            self.rundir.write_json("summary.json", self.summary)
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+        return self.summary
+
+    def _after_ready(self, server: Any) -> None:
+        bench = self.run.benchmark
+        if bench.name == "none":
+            self.summary["phase"] = "serving"
+            logger.info(
+                "serving %s at %s/v1 — Ctrl-C to stop",
+                self.plan.probe.served_name,
+                self.plan.probe.base_url,
+            )
+            server.wait()
+            return
+        from llmstack.bench.phase import run_benchmark_phase
+
+        self.summary["phase"] = "benchmark"
+        self.summary["benchmark"] = run_benchmark_phase(self.run, self.plan, self.rundir, server)
+
+    def _prepare_model(self) -> None:
+        if self.run.model.generator == "tiny":
+            from llmstack.models.tiny import ensure_tiny_model
+
+            self.summary["phase"] = "model"
+            path = ensure_tiny_model()
+            if str(path) != self.run.model.path:
+                raise LlmstackError(f"tiny model generated at {path}, but the plan uses {self.run.model.path}")
+
+    def _record_inputs(self) -> None:
+        self.rundir.write_text("config.yaml", OmegaConf.to_yaml(OmegaConf.structured(self.run)))
+        self.rundir.write_json("plan.json", self.plan.to_dict())
+        self.rundir.write_text("command.sh", "#!/usr/bin/env bash\n" + self.plan.shell_command() + "\n")
+        self.rundir.write_json("environment.json", describe_environment(self.plan))
+
+
+def render_dry_run(run: RunConfig, plan: LaunchPlan) -> str:
+    lines = [
+        f"# llmstack dry run: {plan.engine}, model={run.model.name}, low_bit={run.low_bit.name}, "
+        f"device={run.device.name} (x{run.device.count})",
+        "# Nothing was started. Host checks (port free, model path, interpreter) were skipped.",
+        f"# Ready when GET {plan.probe.base_url}{plan.probe.health_path} = 200 and "
+        f"{plan.probe.models_path} lists '{plan.probe.served_name}'.",
+        plan.shell_command(),
+    ]
+    return "\n".join(lines)
+
+
+def describe_environment(plan: LaunchPlan) -> dict[str, Any]:
+    import platform
+
+    import llmstack
+
+    return {
+        "llmstack": llmstack.__version__,
+        "launcher_python": sys.version.split()[0],
+        "engine_python": plan.interpreter,
+        "platform": platform.platform(),
+        "hostname": socket.gethostname(),
+        "cpu_count": _cpu_count(),
+    }
+
+
+def free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _cpu_count() -> int | None:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _engine_echo(line: str) -> None:
+    print(f"  [engine] {line}", file=sys.stderr, flush=True)
