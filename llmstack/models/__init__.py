@@ -1,0 +1,1 @@
+"""Local model recipes that need no hub download (see tiny.py)."""
