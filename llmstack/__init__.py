@@ -1,4 +1,4 @@
-"""llmstack: declarative launcher and benchmark harness for serving LLMs on Intel GPUs, CPUs and NVIDIA GPUs."""
+"""llmstack: declarative launcher and benchmarks for serving LLMs on Intel GPUs, CPUs and NVIDIA GPUs."""
 
 from __future__ import annotations
 

@@ -108,7 +108,9 @@ class Session:
             self.summary["phase"] = "model"
             path = ensure_tiny_model()
             if str(path) != self.run.model.path:
-                raise LlmstackError(f"tiny model generated at {path}, but the plan uses {self.run.model.path}")
+                raise LlmstackError(
+                    f"tiny model generated at {path}, but the plan uses {self.run.model.path}"
+                )
 
     def _record_inputs(self) -> None:
         self.rundir.write_text("config.yaml", OmegaConf.to_yaml(OmegaConf.structured(self.run)))

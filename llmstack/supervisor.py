@@ -128,11 +128,17 @@ class ServerProcess:
             pgid = self.proc.pid
             targets = _descendants(self.proc.pid) | _group_members(pgid)
             if targets or self.proc.poll() is None:
-                logger.info("stopping %s (pid %d, %d processes)", self.plan.engine, self.proc.pid, len(targets))
+                logger.info(
+                    "stopping %s (pid %d, %d processes)", self.plan.engine, self.proc.pid, len(targets)
+                )
             _signal_all(pgid, targets, signal.SIGTERM)
             if not self._wait_gone(pgid, targets, self.plan.shutdown_grace_s):
                 remaining = _alive(targets | _group_members(pgid))
-                logger.warning("%d processes still running after %.0f s: SIGKILL", len(remaining), self.plan.shutdown_grace_s)
+                logger.warning(
+                    "%d processes still running after %.0f s: SIGKILL",
+                    len(remaining),
+                    self.plan.shutdown_grace_s,
+                )
                 _signal_all(pgid, remaining, signal.SIGKILL)
                 self._wait_gone(pgid, remaining, 10.0)
             if self._reader is not None:

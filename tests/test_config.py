@@ -27,7 +27,18 @@ def options(group: str) -> list[str]:
 
 def test_groups_have_the_required_options() -> None:
     assert {"tiny", "qwen14b", "qwen2_5_7b", "llama2_7b", "llama3_8b", "local"} <= set(options("model"))
-    required_low_bits = {"none", "sym_int4", "asym_int4", "sym_int8", "woq_int4", "fp8", "fp8_e4m3", "fp6", "fp16", "bf16"}
+    required_low_bits = {
+        "none",
+        "sym_int4",
+        "asym_int4",
+        "sym_int8",
+        "woq_int4",
+        "fp8",
+        "fp8_e4m3",
+        "fp6",
+        "fp16",
+        "bf16",
+    }
     assert required_low_bits <= set(options("low_bit"))
     assert set(options("device")) == {"auto", "cpu", "xpu", "cuda"}
     assert {"none", "smoke", "online"} <= set(options("benchmark"))

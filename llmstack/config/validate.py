@@ -143,7 +143,10 @@ def _range_problems(run: RunConfig) -> Iterator[ConfigError]:
     for key, value in positive.items():
         if value is not None and value < 1:
             yield ConfigError(key, value, "must be at least 1.")
-    for key, value in {"engine.startup_timeout_s": e.startup_timeout_s, "engine.shutdown_grace_s": e.shutdown_grace_s}.items():
+    for key, value in {
+        "engine.startup_timeout_s": e.startup_timeout_s,
+        "engine.shutdown_grace_s": e.shutdown_grace_s,
+    }.items():
         if not value > 0 or math.isinf(value):
             yield ConfigError(key, value, "must be a positive number of seconds.")
     gmu = getattr(e, "gpu_memory_utilization", None)

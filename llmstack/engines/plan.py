@@ -39,7 +39,9 @@ class LaunchPlan:
 
     def shell_command(self, mask_secrets: bool = True) -> str:
         """The plan as a shell snippet a user can paste: exports, then the command."""
-        lines = [f"export {k}={shlex.quote(self._shown(k, v, mask_secrets))}" for k, v in sorted(self.env.items())]
+        lines = [
+            f"export {k}={shlex.quote(self._shown(k, v, mask_secrets))}" for k, v in sorted(self.env.items())
+        ]
         lines.append(" \\\n  ".join(_argv_lines(self.argv)))
         return "\n".join(lines)
 

@@ -33,7 +33,9 @@ class VllmEngine:
             python=e.python or sys.executable,
             served_model_name=e.served_model_name or run.model.served_name,
             max_model_len=e.max_model_len or run.model.max_model_len,
-            trust_remote_code=run.model.trust_remote_code if e.trust_remote_code is None else e.trust_remote_code,
+            trust_remote_code=run.model.trust_remote_code
+            if e.trust_remote_code is None
+            else e.trust_remote_code,
         )
 
     def low_bit_problem(self, run: RunConfig, low_bit: LowBitConfig) -> str | None:
@@ -54,7 +56,9 @@ class VllmEngine:
         e: VllmEngineConfig = run.engine
         errors: list[ConfigError] = []
         if e.flavour not in FLAVOURS:
-            errors.append(ConfigError("engine.flavour", e.flavour, "is not a vLLM flavour.", sorted(FLAVOURS)))
+            errors.append(
+                ConfigError("engine.flavour", e.flavour, "is not a vLLM flavour.", sorted(FLAVOURS))
+            )
             return errors
         if run.device.name not in FLAVOUR_DEVICES[e.flavour]:
             errors.append(
@@ -69,7 +73,9 @@ class VllmEngine:
                 )
             )
         if e.block_size is not None and e.block_size not in BLOCK_SIZES:
-            errors.append(ConfigError("engine.block_size", e.block_size, "is not a vLLM block size.", BLOCK_SIZES))
+            errors.append(
+                ConfigError("engine.block_size", e.block_size, "is not a vLLM block size.", BLOCK_SIZES)
+            )
         if e.disable_async_output_proc and e.flavour == "upstream":
             errors.append(
                 ConfigError(
@@ -91,7 +97,11 @@ class VllmEngine:
             )
         chunked = e.enable_chunked_prefill
         chunked_off = chunked is False or (chunked is None and e.flavour == "ipex")
-        if chunked_off and e.max_num_batched_tokens is not None and e.max_num_batched_tokens < e.max_model_len:
+        if (
+            chunked_off
+            and e.max_num_batched_tokens is not None
+            and e.max_num_batched_tokens < e.max_model_len
+        ):
             errors.append(
                 ConfigError(
                     "engine.max_num_batched_tokens",
@@ -136,7 +146,9 @@ class VllmEngine:
         if e.trust_remote_code:
             argv.append("--trust-remote-code")
         if e.enable_chunked_prefill is not None:
-            argv.append("--enable-chunked-prefill" if e.enable_chunked_prefill else "--no-enable-chunked-prefill")
+            argv.append(
+                "--enable-chunked-prefill" if e.enable_chunked_prefill else "--no-enable-chunked-prefill"
+            )
         if e.disable_async_output_proc:
             argv.append("--disable-async-output-proc")
         argv += list(e.extra_args)
