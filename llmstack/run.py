@@ -68,10 +68,11 @@ class Session:
             with terminate_raises():
                 self._prepare_model()
                 self.summary["phase"] = "startup"
-                echo = _engine_echo if self.run.show_engine_log else None
+                echo = _engine_echo if self.run.show_engine_log else _engine_echo_problems
                 with ServerProcess(self.plan, self.rundir.file(self.plan.log_name), echo=echo) as server:
                     self.summary["ready_s"] = round(server.wait_ready(), 3)
-                    server.echo = None if self.run.benchmark.name != "none" else echo
+                    if self.run.benchmark.name != "none":
+                        server.echo = _engine_echo_problems  # keep the benchmark output readable
                     self._after_ready(server)
             self.summary["status"] = "ok"
         except (LlmstackError, KeyboardInterrupt) as exc:
@@ -161,3 +162,11 @@ def _cpu_count() -> int | None:
 
 def _engine_echo(line: str) -> None:
     print(f"  [engine] {line}", file=sys.stderr, flush=True)
+
+
+_PROBLEM_MARKERS = ("ERROR", "CRITICAL", "Traceback", "Error:", "error:")
+
+
+def _engine_echo_problems(line: str) -> None:
+    if any(marker in line for marker in _PROBLEM_MARKERS):
+        _engine_echo(line)

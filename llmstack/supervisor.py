@@ -28,6 +28,7 @@ from llmstack.errors import EngineError, Interrupted
 logger = logging.getLogger(__name__)
 
 LOG_TAIL_LINES = 40
+HEARTBEAT_S = 10.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -93,6 +94,7 @@ class ServerProcess:
         headers = {"Authorization": f"Bearer {probe.api_key}"} if probe.api_key else {}
         started = time.monotonic()
         deadline = started + probe.timeout_s
+        next_heartbeat = started + HEARTBEAT_S
         with httpx.Client(base_url=probe.base_url, timeout=5.0, headers=headers, trust_env=False) as client:
             while True:
                 self._raise_if_exited("before it was ready")
@@ -108,6 +110,11 @@ class ServerProcess:
                         f"(engine.startup_timeout_s); its log is {self.log_path}",
                         self.log_tail(),
                     )
+                if time.monotonic() >= next_heartbeat:
+                    next_heartbeat += HEARTBEAT_S
+                    last = self._tail[-1][:120] if self._tail else "(no output yet)"
+                    waited = time.monotonic() - started
+                    logger.info("waiting for %s (%.0f s): %s", self.plan.engine, waited, last)
                 time.sleep(probe.interval_s)
 
     def wait(self) -> None:

@@ -138,5 +138,6 @@ class RunConfig:
     experiment_name: str = "default"
     # None: a timestamp.
     run_name: Optional[str] = None
-    # Echo the engine's log on the console while it starts.
-    show_engine_log: bool = True
+    # Echo every line of the engine's log on the console (it is always in server.log; warnings and errors
+    # are echoed either way).
+    show_engine_log: bool = False
