@@ -1,0 +1,49 @@
+"""Find processes by an environment marker: children inherit it even after renaming themselves."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+
+def processes_with_env(marker: str) -> list[int]:
+    needle = marker.encode()
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                env = f.read()
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        zombie = stat[stat.rfind(b")") + 2 :].split()[0] == b"Z"
+        if needle in env.split(b"\0") and not zombie:
+            found.append(int(entry.name))
+    return found
+
+
+def wait_no_processes(marker: str, timeout: float = 30.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while (left := processes_with_env(marker)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
