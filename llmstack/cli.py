@@ -7,12 +7,12 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import hydra
-from omegaconf import DictConfig
-
-from llmstack.config.store import register_schemas
 from llmstack.errors import LlmstackError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +27,8 @@ def _full_error() -> bool:
     return os.environ.get("LLMSTACK_FULL_ERROR", "") not in ("", "0")
 
 
-def _task(cfg: DictConfig) -> None:
-    global _task_started
-    _task_started = True
+def run_task(cfg: DictConfig) -> int:
+    """Run one composed config; the exit status."""
     from llmstack.logs import setup_console_logging
     from llmstack.run import run
 
@@ -40,19 +39,44 @@ def _task(cfg: DictConfig) -> None:
         if _full_error():
             traceback.print_exc()
         print(f"llmstack: {exc}", file=sys.stderr)
-        raise SystemExit(exc.exit_code) from None
+        return exc.exit_code
     except KeyboardInterrupt:
         print("llmstack: interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+        return 130
+    return 0
+
+
+def _hydra_task(cfg: DictConfig) -> None:
+    global _task_started
+    _task_started = True
+    from llmstack.config import compose_cache
+
+    compose_cache.store(CONFIG_DIR, sys.argv[1:], cfg)
+    code = run_task(cfg)
+    if code:
+        raise SystemExit(code)
 
 
 def main() -> int:
+    from llmstack.config import compose_cache
+
+    cached = compose_cache.load(CONFIG_DIR, sys.argv[1:])
+    if cached is not None:
+        return run_task(cached)
+    return _main_through_hydra()
+
+
+def _main_through_hydra() -> int:
     global _task_started
     _task_started = False
+    import hydra
+
+    from llmstack.config.store import register_schemas
+
     register_schemas()
     if _full_error():
         os.environ.setdefault("HYDRA_FULL_ERROR", "1")
-    entry = hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")(_task)
+    entry = hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")(_hydra_task)
     try:
         entry()
     except SystemExit as exc:

@@ -144,4 +144,4 @@ def test_dry_run_prints_plan_and_starts_nothing(llmstack_cmd: list[str], tmp_pat
     assert done.returncode == 0, done.stderr
     assert "-m vllm.entrypoints.openai.api_server" in done.stdout
     assert "--max-num-seqs 64" in done.stdout and "export VLLM_CPU_KVCACHE_SPACE=2" in done.stdout
-    assert not (tmp_path / "results").exists() and not (tmp_path / "cache").exists()
+    assert not (tmp_path / "results").exists() and not (tmp_path / "cache" / "models").exists()

@@ -156,7 +156,7 @@ def test_cli_exit_2_one_paragraph_nothing_started(
     assert "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert not results.exists(), "a run directory was created for a rejected config"
-    assert not (tmp_path / "cache").exists(), "the tiny model was generated for a rejected config"
+    assert not (tmp_path / "cache" / "models").exists(), "the tiny model was generated for a rejected config"
 
 
 def test_full_error_shows_traceback(llmstack_cmd: list[str]) -> None:

@@ -105,6 +105,10 @@ class VllmEngineConfig:
     shutdown_grace_s: float = 15.0
 
 
+# engine.name -> its schema; the engine group's YAMLs start from these.
+ENGINE_SCHEMAS: dict[str, type] = {"vllm": VllmEngineConfig}
+
+
 @dataclass
 class BenchmarkConfig:
     # none: serve until interrupted. smoke/online: streamed requests against the live server.

@@ -5,15 +5,13 @@ from __future__ import annotations
 from hydra.core.config_store import ConfigStore
 
 from llmstack.config.schema import (
+    ENGINE_SCHEMAS,
     BenchmarkConfig,
     DeviceConfig,
     LowBitConfig,
     ModelConfig,
     RunConfig,
-    VllmEngineConfig,
 )
-
-ENGINE_SCHEMAS: dict[str, type] = {"vllm": VllmEngineConfig}
 
 
 def register_schemas() -> None:

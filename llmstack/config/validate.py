@@ -11,6 +11,7 @@ import math
 import os
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -109,6 +110,11 @@ def port_is_free(host: str, port: int) -> bool:
 
 def module_available(python: str, module: str) -> bool:
     """Whether `python` can import `module`, without importing it (vLLM takes seconds to import)."""
+    # Not realpath: a venv interpreter is a symlink to the base one, with other site-packages.
+    if os.path.abspath(python) == os.path.abspath(sys.executable):
+        import importlib.util
+
+        return importlib.util.find_spec(module) is not None
     probe = f"import importlib.util, sys; sys.exit(importlib.util.find_spec({module!r}) is None)"
     try:
         return subprocess.run([python, "-c", probe], capture_output=True, timeout=60).returncode == 0

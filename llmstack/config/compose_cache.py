@@ -1,0 +1,83 @@
+"""A cache of composed configs, so a repeated command line starts the engine without importing Hydra.
+
+Importing Hydra and composing (which `hydra.main` does twice) costs most of a second; a launcher should hand
+over to the engine in well under that. A command line of plain overrides (`key=value`, `group=option`) is
+composed by Hydra once; its result, *unresolved* (so `${oc.env:...}` still reads the environment at each run),
+is stored under a key made of every input that shapes it: the overrides, the llmstack version and the name,
+size and mtime of every file in the config directory and of the schema module. Anything else on the command
+line (`-m`, `--cfg`, `--config-dir`, `hydra.*`) always goes through Hydra.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+logger = logging.getLogger(__name__)
+
+# Resolvers that only exist once Hydra is imported: configs using them are never served from the cache.
+_HYDRA_ONLY_RESOLVERS = ("${now:", "${hydra:")
+
+
+def cacheable(args: list[str]) -> bool:
+    return all(
+        not arg.startswith("-") and "=" in arg and not arg.lstrip("+~").startswith(("hydra.", "hydra/"))
+        for arg in args
+    )
+
+
+def cache_key(config_dir: Path, args: list[str]) -> str:
+    import llmstack
+    from llmstack.config import schema
+
+    digest = hashlib.sha256()
+    digest.update(f"{llmstack.__version__}\0{config_dir.resolve()}\0".encode())
+    digest.update("\0".join(args).encode())
+    for path in sorted([*config_dir.rglob("*.yaml"), Path(schema.__file__)]):
+        stat = path.stat()
+        digest.update(f"\0{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:32]
+
+
+def cache_path(config_dir: Path, args: list[str]) -> Path:
+    from llmstack.models.tiny import default_cache_dir
+
+    return default_cache_dir() / "compose" / f"{cache_key(config_dir, args)}.yaml"
+
+
+def load(config_dir: Path, args: list[str]) -> DictConfig | None:
+    """The typed composed config for these overrides, or None when it was never stored."""
+    if os.environ.get("LLMSTACK_NO_COMPOSE_CACHE") or not cacheable(args):
+        return None
+    path = cache_path(config_dir, args)
+    try:
+        raw = OmegaConf.create(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    from llmstack.config.schema import ENGINE_SCHEMAS, RunConfig
+
+    engine_schema = ENGINE_SCHEMAS.get(str(raw.get("engine", {}).get("name")))
+    if engine_schema is None:
+        return None
+    typed = OmegaConf.structured(RunConfig)
+    typed.engine = OmegaConf.structured(engine_schema)
+    return OmegaConf.merge(typed, raw)  # type: ignore[return-value]
+
+
+def store(config_dir: Path, args: list[str], cfg: DictConfig) -> None:
+    if not cacheable(args):
+        return
+    text = OmegaConf.to_yaml(cfg, resolve=False)
+    if any(marker in text for marker in _HYDRA_ONLY_RESOLVERS):
+        return
+    path = cache_path(config_dir, args)
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
