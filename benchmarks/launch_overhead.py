@@ -101,11 +101,15 @@ def one_llmstack(cache: Path) -> tuple[float, float]:
     )  # fmt: skip
     spawn, port = None, None
     while spawn is None and proc.poll() is None:
-        kids = children(proc.pid)
-        if kids:
-            spawn = (start_ticks(kids[0]) - start_ticks(proc.pid)) / CLK_TCK
-            argv = Path(f"/proc/{kids[0]}/cmdline").read_bytes().decode().split("\0")
-            port = int(argv[argv.index("--port") + 1])
+        for kid in children(proc.pid):  # other children (the doctor's probes) may come first
+            try:
+                argv = Path(f"/proc/{kid}/cmdline").read_bytes().decode().split("\0")
+            except OSError:
+                continue
+            if "--port" in argv:
+                spawn = (start_ticks(kid) - start_ticks(proc.pid)) / CLK_TCK
+                port = int(argv[argv.index("--port") + 1])
+                break
         else:
             time.sleep(0.005)
     if port is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -57,9 +58,15 @@ def _hydra_task(cfg: DictConfig) -> None:
         raise SystemExit(code)
 
 
-def main() -> int:
-    from llmstack.config import compose_cache
+# `benchmark.concurrency=4` means one load level: the list [4] (a grid's sweeper does the same for sweeps).
+_SCALAR_LOAD_LEVEL = re.compile(r"^(\+?benchmark\.(?:concurrency|request_rate))=([^\[\],]+)$")
 
+
+def main() -> int:
+    from llmstack.config import compose_cache, register_resolvers
+
+    register_resolvers()
+    sys.argv[1:] = [_SCALAR_LOAD_LEVEL.sub(r"\1=[\2]", arg) for arg in sys.argv[1:]]
     cached = compose_cache.load(CONFIG_DIR, sys.argv[1:])
     if cached is not None:
         return run_task(cached)
@@ -77,10 +84,16 @@ def _main_through_hydra() -> int:
     if _full_error():
         os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     entry = hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")(_hydra_task)
+    from llmstack import grid
+
+    grid.last_sweep_failures = None
     try:
         entry()
     except SystemExit as exc:
         if exc.code == 1 and not _task_started:
             return 2
         return exc.code if isinstance(exc.code, int) else 1
+    if grid.last_sweep_failures:
+        print(f"llmstack: {grid.last_sweep_failures} grid job(s) failed; see failure.json", file=sys.stderr)
+        return min(grid.last_sweep_failures, 125)
     return 0

@@ -12,6 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from llmstack.bench.phase import needs_server
 from llmstack.config.resolve import resolve, to_run_config
 from llmstack.config.schema import RunConfig
 from llmstack.config.validate import validate
@@ -24,7 +25,20 @@ logger = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig, config_dir: Path) -> dict[str, Any] | None:
-    """Returns the run's summary, or None for a dry run."""
+    """Returns the run's summary, or None for a dry run. Inside a grid (`-m`), the job's outcome instead."""
+    from llmstack.grid import current_job, run_grid_job
+
+    job = current_job()
+    if job is not None:
+        return run_grid_job(cfg, config_dir, job)
+    resolved, plan = prepare(cfg, config_dir)
+    if resolved.dry_run:
+        return None
+    return Session(resolved, plan).execute()
+
+
+def prepare(cfg: DictConfig, config_dir: Path) -> tuple[RunConfig, LaunchPlan]:
+    """Resolve, validate and plan; prints the plan of a dry run. Starts nothing."""
     requested = to_run_config(cfg)
     resolved = resolve(requested, config_dir)
     validate(resolved, config_dir, host_checks=not resolved.dry_run)
@@ -35,17 +49,16 @@ def run(cfg: DictConfig, config_dir: Path) -> dict[str, Any] | None:
     plan = get_engine(resolved.engine.name).plan(resolved)
     if resolved.dry_run:
         print(render_dry_run(resolved, plan))
-        return None
-    return Session(resolved, plan).execute()
+    return resolved, plan
 
 
 class Session:
     """The live part of a run. Everything it starts is stopped before execute() returns or raises."""
 
-    def __init__(self, run: RunConfig, plan: LaunchPlan) -> None:
+    def __init__(self, run: RunConfig, plan: LaunchPlan, rundir: RunDir | None = None) -> None:
         self.run = run
         self.plan = plan
-        self.rundir = RunDir.create(run.results_dir, run.experiment_name, run.run_name)
+        self.rundir = rundir or RunDir.create(run.results_dir, run.experiment_name, run.run_name)
         self.summary: dict[str, Any] = {
             "status": "running",
             "phase": "setup",
@@ -67,13 +80,17 @@ class Session:
         try:
             with terminate_raises():
                 self._prepare_model()
-                self.summary["phase"] = "startup"
-                echo = _engine_echo if self.run.show_engine_log else _engine_echo_problems
-                with ServerProcess(self.plan, self.rundir.file(self.plan.log_name), echo=echo) as server:
-                    self.summary["ready_s"] = round(server.wait_ready(), 3)
-                    if self.run.benchmark.name != "none":
-                        server.echo = _engine_echo_problems  # keep the benchmark output readable
-                    self._after_ready(server)
+                phase = self._prepare_benchmark()
+                if phase is not None and not needs_server(self.run.benchmark.phase):
+                    self._run_benchmark(phase, None)  # offline: the phase runs the engine itself
+                else:
+                    self.summary["phase"] = "startup"
+                    echo = _engine_echo if self.run.show_engine_log else _engine_echo_problems
+                    with ServerProcess(self.plan, self.rundir.file(self.plan.log_name), echo=echo) as server:
+                        self.summary["ready_s"] = round(server.wait_ready(), 3)
+                        if phase is not None:
+                            server.echo = _engine_echo_problems  # keep the benchmark output readable
+                        self._after_ready(server, phase)
             self.summary["status"] = "ok"
         except (LlmstackError, KeyboardInterrupt) as exc:
             self.summary["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
@@ -86,9 +103,22 @@ class Session:
             handler.close()
         return self.summary
 
-    def _after_ready(self, server: Any) -> None:
-        bench = self.run.benchmark
-        if bench.name == "none":
+    def _prepare_benchmark(self) -> Any:
+        """The benchmark phase with its prompts built, before anything starts (a bad dataset fails here)."""
+        from llmstack.bench.phase import prepare_phase
+
+        if self.run.benchmark.phase == "none":
+            return None
+        self.summary["phase"] = "benchmark-setup"
+        self.summary["benchmark"] = {}
+        return prepare_phase(self.run, self.plan, self.rundir, self.summary["benchmark"])
+
+    def _run_benchmark(self, phase: Any, server: Any) -> None:
+        self.summary["phase"] = "benchmark"
+        phase.run(server)
+
+    def _after_ready(self, server: Any, phase: Any) -> None:
+        if phase is None:
             self.summary["phase"] = "serving"
             logger.info(
                 "serving %s at %s/v1 — Ctrl-C to stop",
@@ -97,10 +127,7 @@ class Session:
             )
             server.wait()
             return
-        from llmstack.bench.phase import run_benchmark_phase
-
-        self.summary["phase"] = "benchmark"
-        self.summary["benchmark"] = run_benchmark_phase(self.run, self.plan, self.rundir, server)
+        self._run_benchmark(phase, server)
 
     def _prepare_model(self) -> None:
         if self.run.model.generator == "tiny":
@@ -118,6 +145,15 @@ class Session:
         self.rundir.write_json("plan.json", self.plan.to_dict())
         self.rundir.write_text("command.sh", "#!/usr/bin/env bash\n" + self.plan.shell_command() + "\n")
         self.rundir.write_json("environment.json", describe_environment(self.plan))
+        # Devices, drivers and the engine interpreter's packages, in a thread beside the engine's startup
+        # (the quick report imports no torch and touches no GPU; about half a second).
+        import threading
+
+        from llmstack import doctor
+
+        pythons = list(dict.fromkeys([self.plan.interpreter, sys.executable]))
+        report = self.rundir.file("doctor.json")
+        threading.Thread(target=doctor.write_report, args=(report, pythons), name="llmstack-doctor").start()
 
 
 def render_dry_run(run: RunConfig, plan: LaunchPlan) -> str:
@@ -129,6 +165,15 @@ def render_dry_run(run: RunConfig, plan: LaunchPlan) -> str:
         f"{plan.probe.models_path} lists '{plan.probe.served_name}'.",
         plan.shell_command(),
     ]
+    if not needs_server(run.benchmark.phase):
+        lines.append(
+            f"# benchmark={run.benchmark.name} starts no server: it runs `{plan.interpreter} -m "
+            "llmstack.bench.offline` with the engine arguments above (not --host/--port) in-process."
+        )
+    from llmstack.config.memory import estimate
+
+    if (memory := estimate(run)) is not None:
+        lines.insert(3, f"# Memory estimate {memory.summary()}.")
     return "\n".join(lines)
 
 
@@ -148,10 +193,29 @@ def describe_environment(plan: LaunchPlan) -> dict[str, Any]:
 
 
 def free_port(host: str) -> int:
+    """A free port, leased for this process's lifetime so parallel grid jobs on one host never share one."""
+    import fcntl
+    import tempfile
+
+    leases = Path(tempfile.gettempdir()) / "llmstack-leases"
+    leases.mkdir(exist_ok=True)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    for _ in range(100):
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        lease = open(leases / f"port-{port}", "w")  # noqa: SIM115 (held open: the lock is the lease)
+        try:
+            fcntl.flock(lease, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lease.close()
+            continue
+        _PORT_LEASES.append(lease)
+        return port
+    raise LlmstackError(f"no free port on {host} after 100 tries")
+
+
+_PORT_LEASES: list[Any] = []
 
 
 def _cpu_count() -> int | None:

@@ -127,6 +127,28 @@ class ServerProcess:
                 continue
             self._raise_if_exited("while serving")
 
+    def wait_exit(self, timeout_s: float | None = None) -> int:
+        """Wait for a process that ends by itself (a batch job, not a server); its exit status.
+
+        EngineError when it is still running after `timeout_s`; stopping it is `stop()`'s business.
+        """
+        assert self.proc is not None
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            try:
+                code = self.proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise EngineError(
+                        f"{self.plan.engine} had not finished after {timeout_s:.0f} s; its log is "
+                        f"{self.log_path}",
+                        self.log_tail(),
+                    ) from None
+                continue
+            if self._reader is not None:
+                self._reader.join(timeout=5.0)  # so the tail holds the last words
+            return code
+
     def stop(self) -> None:
         """TERM the group and every descendant, wait the grace period, then KILL. Idempotent."""
         if self.proc is None:
@@ -205,6 +227,22 @@ class ServerProcess:
                 if self.echo is not None:
                     self.echo(line)
         self.proc.stdout.close()
+
+
+def run_to_completion(
+    plan: LaunchPlan,
+    log_path: Path,
+    echo: Callable[[str], None] | None = None,
+    timeout_s: float | None = None,
+) -> tuple[int, list[str]]:
+    """Run a plan's process until it exits by itself: (its exit status, its last log lines).
+
+    The same process-group handling as a server: on Ctrl-C, SIGTERM, a timeout, or once it has exited (its
+    children may linger), the whole group and every descendant are stopped.
+    """
+    with ServerProcess(plan, log_path, echo=echo) as proc:
+        code = proc.wait_exit(timeout_s)
+        return code, proc.log_tail(LOG_TAIL_LINES)
 
 
 def _die_with_parent() -> None:

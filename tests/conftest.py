@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from llmstack.cli import CONFIG_DIR
+from llmstack.config import register_resolvers
 from llmstack.config.store import register_schemas
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,6 +37,7 @@ def compose_cfg() -> Callable[..., DictConfig]:
 
     def _compose(*overrides: str) -> DictConfig:
         register_schemas()
+        register_resolvers()
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             return compose(config_name="config", overrides=list(overrides))
 

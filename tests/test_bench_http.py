@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -16,8 +18,10 @@ from time import perf_counter
 
 import pytest
 
+from llmstack.bench import http
 from llmstack.bench.http import (
     HttpConnection,
+    RawResponse,
     apply_sse_events,
     error_text,
     parse_url,
@@ -27,6 +31,24 @@ from llmstack.bench.http import (
 from llmstack.bench.records import RequestRecord
 
 pytestmark = pytest.mark.timeout(30)
+
+
+LIVE_PATHS = ["llhttp-kernel-stamps", "llhttp-asyncio-transport", "python-kernel-stamps"]
+
+
+@pytest.fixture(autouse=True, params=LIVE_PATHS)
+def live_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs with each live framing parser (llhttp through httptools, the pure-Python fallback) and
+    each way of reading sockets (kernel-stamped reads, asyncio's transport)."""
+    framing, _, reads = request.param.partition("-")
+    if framing == "llhttp" and http.httptools is None:
+        pytest.skip("httptools is not installed")
+    if reads == "kernel-stamps" and http._SO_TIMESTAMPNS is None:
+        pytest.skip("no SO_TIMESTAMPNS here")
+    monkeypatch.setattr(http, "_USE_LLHTTP", framing == "llhttp")
+    monkeypatch.setattr(http, "_USE_KERNEL_STAMPS", reads == "kernel-stamps")
+    return request.param
+
 
 # A script step: bytes to write, a pause in seconds, or CLOSE.
 CLOSE = object()
@@ -39,6 +61,9 @@ Script = Callable[[int, int, bytes], list[Step]]
 class ServerLog:
     requests: list[bytes] = field(default_factory=list)
     connections: int = 0
+    # Just before each write, and after it was drained: the client's stamp of bytes lies in between, the
+    # kernel's receive time (kernel-stamped reads) possibly before the drain finished.
+    write_starts: list[float] = field(default_factory=list)
     write_times: list[float] = field(default_factory=list)
 
 
@@ -76,6 +101,7 @@ async def scripted_server(script: Script) -> AsyncIterator[tuple[str, ServerLog]
                     if isinstance(step, float):
                         await asyncio.sleep(step)
                     else:
+                        log.write_starts.append(perf_counter())
                         writer.write(step)  # type: ignore[arg-type]
                         await writer.drain()
                         log.write_times.append(perf_counter())
@@ -166,11 +192,11 @@ def test_chunked_sse_split_and_merged_reads_with_usage_and_done() -> None:
     assert len(record.chunk_times) == 3
     assert record.first_content_at == record.chunk_times[0]
     # Each event is stamped when its last byte arrived: after the write that completed it.
-    assert record.chunk_times[0] >= log.write_times[1]
-    assert record.chunk_times[1] >= log.write_times[3]
-    assert record.chunk_times[0] < log.write_times[2]
+    assert record.chunk_times[0] >= log.write_starts[1]
+    assert record.chunk_times[1] >= log.write_starts[3]
+    assert record.chunk_times[0] < log.write_starts[2]
     # Events that arrived in one read share one timestamp.
-    assert record.chunk_times[2] >= log.write_times[4]
+    assert record.chunk_times[2] >= log.write_starts[4]
     assert record.done_at is not None and record.done_at >= record.chunk_times[2]
     assert record.sent_at is not None and record.sent_at < record.chunk_times[0]
 
@@ -191,7 +217,7 @@ def test_events_inside_one_large_chunk_are_stamped_as_their_bytes_arrive() -> No
     record, log = run(main())
     assert record.success, record.error
     assert record.output_text == "ab"
-    assert log.write_times[0] <= record.chunk_times[0] < log.write_times[1] <= record.chunk_times[1]
+    assert log.write_starts[0] <= record.chunk_times[0] < log.write_starts[1] <= record.chunk_times[1]
 
 
 def test_chat_role_only_and_empty_chunks_do_not_count_and_crlf_events() -> None:
@@ -472,3 +498,148 @@ def test_parse_url_and_request_bytes() -> None:
     assert json.loads(body) == {"model": "m", "prompt": "é", "stream": True}
     with pytest.raises(ValueError):
         parse_url("ftp://example.com/")
+
+
+def test_deferred_parse_gives_the_same_record_as_parsing_at_once() -> None:
+    events = [completion_event("a"), completion_event("b"), completion_event("c", "length")]
+
+    def script(conn: int, n: int, request: bytes) -> list[Step]:
+        tail = chunk(events[2]) + chunk(USAGE_EVENT) + chunk(DONE_EVENT) + END_CHUNKS
+        return [SSE_HEAD + chunk(events[0]), PAUSE, chunk(events[1]), PAUSE, tail]
+
+    async def main() -> tuple[RequestRecord, RequestRecord, RawResponse | None]:
+        async with scripted_server(script) as (url, _):
+            target = parse_url(url + "/v1/completions")
+            request = prepare_request(target, STREAM_PAYLOAD)
+            connection = HttpConnection(target)
+            at_once, deferred = RequestRecord(index=0), RequestRecord(index=1)
+            try:
+                await connection.send(request, at_once, timeout_s=5)
+                raw = await connection.send_deferred(request, deferred, timeout_s=5)
+            finally:
+                connection.close()
+        return at_once, deferred, raw
+
+    at_once, deferred, raw = run(main())
+    assert raw is not None
+    # Before `apply` only the send time is known; the reads are kept with their arrival times.
+    assert deferred.sent_at is not None and deferred.done_at is None and deferred.chunk_times == []
+    assert len(raw.read_times) == len(raw.read_data) == 3 and raw.size == sum(map(len, raw.read_data))
+    raw.apply(deferred)
+    assert deferred.success and at_once.success
+    assert deferred.output_text == at_once.output_text == "abc"
+    assert deferred.completion_tokens == at_once.completion_tokens == 3
+    assert len(deferred.chunk_times) == 3
+    # Each event is stamped with the read that completed it: three separate reads here.
+    assert deferred.chunk_times == raw.read_times
+    assert deferred.done_at == raw.finished_at == raw.read_times[-1]
+
+
+def test_bytes_after_the_end_of_a_response_stop_connection_reuse() -> None:
+    def script(conn: int, n: int, request: bytes) -> list[Step]:
+        if conn == 0 and n == 0:
+            return [json_response(COMPLETION_BODY) + b"HTTP/1.1 200 OK\r\n"]  # a confused server
+        return [json_response(COMPLETION_BODY)]
+
+    async def main() -> tuple[list[RequestRecord], ServerLog]:
+        async with scripted_server(script) as (url, log):
+            target = parse_url(url + "/v1/completions")
+            request = prepare_request(target, PLAIN_PAYLOAD)
+            connection = HttpConnection(target)
+            records = [RequestRecord(index=i) for i in range(2)]
+            try:
+                for record in records:
+                    await connection.send(request, record, timeout_s=5)
+            finally:
+                connection.close()
+        return records, log
+
+    records, log = run(main())
+    assert [r.success for r in records] == [True, True], [r.error for r in records]
+    assert records[0].output_text == "hello world"
+    assert log.connections == 2
+
+
+def test_interim_100_continue_is_skipped() -> None:
+    def script(conn: int, n: int, request: bytes) -> list[Step]:
+        return [b"HTTP/1.1 100 Continue\r\n\r\n", PAUSE, json_response(COMPLETION_BODY)]
+
+    async def main() -> RequestRecord:
+        async with scripted_server(script) as (url, _):
+            return await post_once(url + "/v1/completions", PLAIN_PAYLOAD, timeout_s=5)
+
+    record = run(main())
+    assert record.success, record.error
+    assert (record.http_status, record.output_text) == (200, "hello world")
+
+
+def test_bad_framing_fails_the_request_and_closes_the_connection() -> None:
+    def script(conn: int, n: int, request: bytes) -> list[Step]:
+        if conn == 0:
+            return [SSE_HEAD + b"zz\r\n" + completion_event("a") + b"\r\n"]
+        return [json_response(COMPLETION_BODY)]
+
+    async def main() -> tuple[list[RequestRecord], ServerLog]:
+        async with scripted_server(script) as (url, log):
+            target = parse_url(url + "/v1/completions")
+            connection = HttpConnection(target)
+            records = [RequestRecord(index=i) for i in range(2)]
+            try:
+                await connection.send(prepare_request(target, STREAM_PAYLOAD), records[0], timeout_s=5)
+                await connection.send(prepare_request(target, PLAIN_PAYLOAD), records[1], timeout_s=5)
+            finally:
+                connection.close()
+        return records, log
+
+    records, log = run(main())
+    assert records[0].success is False
+    assert records[0].error is not None and records[0].error.startswith("invalid HTTP response")
+    assert records[1].success, records[1].error
+    assert log.connections == 2
+
+
+def test_kernel_stamps_do_not_wait_for_a_busy_client(live_path: str) -> None:
+    """The server answers while the client's event loop is blocked for 0.3 s: kernel-stamped reads keep the
+    time the bytes arrived, asyncio's transport can only stamp when the loop reads them."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    write_start: list[float] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            write_start.append(perf_counter())
+            conn.sendall(SSE_HEAD + chunk(completion_event("a")) + chunk(DONE_EVENT) + END_CHUNKS)
+            conn.recv(1)  # until the client closes
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+
+    async def main() -> RequestRecord:
+        target = parse_url(f"http://127.0.0.1:{listener.getsockname()[1]}/v1/completions")
+        connection = HttpConnection(target)
+        record = RequestRecord(index=0)
+        try:
+            await connection.connect()
+            request = prepare_request(target, STREAM_PAYLOAD)
+            sending = asyncio.ensure_future(connection.send(request, record, timeout_s=5))
+            await asyncio.sleep(0)  # the request goes out
+            time.sleep(0.3)  # a busy client: the loop reads nothing meanwhile
+            await sending
+        finally:
+            connection.close()
+        return record
+
+    try:
+        record = run(main())
+    finally:
+        thread.join(5)
+        listener.close()
+    assert record.success, record.error
+    delay = record.chunk_times[0] - write_start[0]
+    if live_path.endswith("kernel-stamps"):
+        assert 0 <= delay < 0.15
+    else:
+        assert delay > 0.2

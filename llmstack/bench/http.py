@@ -1,10 +1,18 @@
 """A small, fast HTTP/1.1 client for OpenAI-compatible endpoints.
 
 Why not httpx or aiohttp: a benchmark client must not be the bottleneck, and its timestamps must not wait
-behind its own bookkeeping. Here each connection is an `asyncio.Protocol`: `data_received` runs straight
-from the event loop's socket callback, takes one `perf_counter()` per read, undoes the chunked framing, splits
-SSE events and keeps their raw `data:` bytes. The coroutine that sent the request wakes once per response,
-not once per event, and JSON is parsed only after the response has ended.
+behind its own bookkeeping. What happens per read while a response streams in: one timestamp, keep the
+bytes, let a framing parser (llhttp in C through `httptools`, else a pure-Python one) find where the
+response ends. The coroutine that sent the request wakes once per response, not once per event. Everything
+else (undoing the chunked framing, splitting SSE events, JSON) is a replay of the kept reads with their
+timestamps: right after the response for `send`, after the whole measured window for `send_deferred` (load
+generation). Either way an event's time is the time of the read that completed it.
+
+That time is the kernel's: on Linux, plain-TCP connections read their socket themselves (`_StampedTransport`)
+and take each read's receive timestamp (SO_TIMESTAMPNS), so a burst of events from hundreds of streams, a
+busy client or a neighbour process leave the timestamps as they were on the wire. Elsewhere, and for TLS,
+asyncio's transports deliver the data and the time is `perf_counter()` when the read is processed. All
+times are `perf_counter()` seconds.
 
 Scope, on purpose: POST with a JSON body, one request at a time per connection (no pipelining), keep-alive,
 `Content-Length`, `Transfer-Encoding: chunked` and read-to-close bodies, `text/event-stream` responses.
@@ -16,18 +24,33 @@ import asyncio
 import functools
 import json
 import logging
+import platform
+import socket
 import ssl
+import struct
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from time import perf_counter
+from time import perf_counter, time_ns
 from typing import Any
 from urllib.parse import urlsplit
 
 from llmstack.bench.records import RequestRecord
 
+try:  # llhttp in C: finds the end of a response in about a microsecond (uvicorn[standard] ships it)
+    import httptools
+    from httptools import HttpParserError as _LlhttpError
+except ImportError:  # pragma: no cover - the pure-Python framing parser does the same, slower
+    httptools = None
+
+    class _LlhttpError(Exception):  # type: ignore[no-redef]
+        pass
+
+
 __all__ = [
     "HttpConnection",
     "PreparedRequest",
+    "RawResponse",
     "Target",
     "apply_json_body",
     "apply_sse_events",
@@ -41,6 +64,27 @@ logger = logging.getLogger(__name__)
 
 _MAX_HEAD_BYTES = 64 * 1024
 _ERROR_TEXT_LIMIT = 500
+
+# Tests switch these off to run the pure-Python framing parser and asyncio's own transports as well.
+_USE_LLHTTP = True
+_USE_KERNEL_STAMPS = True
+
+
+def _so_timestampns() -> int | None:
+    """SO_TIMESTAMPNS where its control message is a 64-bit timespec: Linux on 64-bit x86 and ARM."""
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "aarch64", "arm64"):
+        return None
+    return getattr(socket, "SO_TIMESTAMPNS", 35)  # Python 3.11 does not export it
+
+
+_SO_TIMESTAMPNS = _so_timestampns()
+_TIMESPEC = struct.Struct("qq")
+_ANCILLARY_SIZE = socket.CMSG_SPACE(_TIMESPEC.size) if hasattr(socket, "CMSG_SPACE") else 64
+# Python allocates the whole size for every recvmsg, then shrinks it: keep it small (a larger one costs an
+# mmap per read). A read that fills it is followed by another at once.
+_READ_SIZE = 16 * 1024
+_MAX_READS_PER_WAKEUP = 16
+_MAX_STAMP_DELAY_NS = 60 * 1_000_000_000
 
 # Response parser states.
 _HEAD, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _FIXED, _TO_EOF, _COMPLETE = range(8)
@@ -111,101 +155,71 @@ class _ProtocolError(Exception):
     """The server's bytes are not valid HTTP/1.1 framing."""
 
 
-class _ResponseProtocol(asyncio.Protocol):
-    """Parses one response at a time; lives as long as its TCP connection."""
+class _Parser:
+    """HTTP/1.1 response framing; with `keep_content`, also the body and the SSE events with their times.
 
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.closed = False
-        self._waiter: asyncio.Future[None] | None = None
-        self._reset(stream=False)
+    A live connection runs a framing-only parser: all it must know is where the response ends. The full
+    parse replays the very same reads with the same timestamps later (`RawResponse.apply`), so its results
+    are exactly those of parsing live.
+    """
 
-    def _reset(self, stream: bool) -> None:
-        self._pending = b""  # unparsed tail of the previous read
-        self._state = _HEAD
-        self._remaining = 0
-        self._stream_requested = stream
+    __slots__ = (
+        "body",
+        "content_type",
+        "done_seen",
+        "event_data",
+        "event_times",
+        "keep_alive",
+        "keep_content",
+        "pending",
+        "reason",
+        "remaining",
+        "sse",
+        "sse_crlf",
+        "sse_mode",
+        "state",
+        "status",
+        "stream_requested",
+    )
+
+    def __init__(self, stream: bool, keep_content: bool) -> None:
+        self.keep_content = keep_content
+        self.stream_requested = stream
+        self.pending = b""  # unparsed tail of the previous read
+        self.state = _HEAD
+        self.remaining = 0
         self.sse_mode = False
         self.status: int | None = None
         self.reason = ""
         self.content_type = ""
         self.keep_alive = True
-        self.bytes_received = 0
-        self.finished_at: float | None = None
-        self.error: str | None = None
-        self.timed_out = False
         self.body = bytearray()
         self.event_times: list[float] = []
         self.event_data: list[bytes] = []
         self.done_seen = False
-        self._sse = b""  # an SSE event still waiting for its blank line
-        self._sse_crlf = False
+        self.sse = b""  # an SSE event still waiting for its blank line
+        self.sse_crlf = False
 
-    # -- lifecycle, called by HttpConnection -------------------------------------------------------------
+    def feed(self, data: bytes, now: float) -> None:
+        """Parse one read that arrived at `now`; raises _ProtocolError."""
+        if self.pending:
+            data = self.pending + data
+            self.pending = b""
+        self._advance(data, now)
 
-    def begin(self, stream: bool, waiter: asyncio.Future[None]) -> None:
-        self._reset(stream)
-        self._waiter = waiter
-
-    def on_timeout(self, timeout_s: float) -> None:
-        if self._waiter is None:
-            return
-        self.timed_out = True
-        self.keep_alive = False
-        self._finish(perf_counter(), f"timeout: no complete response after {timeout_s:g} s")
-        self._close_transport()
-
-    # -- asyncio.Protocol --------------------------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        now = perf_counter()
-        if self._waiter is None:
-            # Bytes nobody asked for: the framing of any later response would be lost.
-            logger.debug("unexpected %d bytes from an idle connection; closing it", len(data))
-            self.keep_alive = False
-            self._close_transport()
-            return
-        self.bytes_received += len(data)
-        if self._pending:
-            data = self._pending + data
-            self._pending = b""
-        try:
-            self._advance(data, now)
-        except _ProtocolError as exc:
-            self.keep_alive = False
-            self._finish(now, f"invalid HTTP response: {exc}")
-            self._close_transport()
-
-    def eof_received(self) -> bool:
-        if self._waiter is not None and self._state == _TO_EOF:
-            self._complete(perf_counter())
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if self._waiter is None:
-            return
-        now = perf_counter()
-        if self._state == _TO_EOF:
+    def end_of_body(self, now: float) -> None:
+        """The connection ended: that completes a read-to-close body."""
+        if self.state == _TO_EOF:
             self._complete(now)
-            return
-        detail = f": {exc}" if exc else ""
-        where = "before responding" if self.bytes_received == 0 else "mid-response"
-        self.keep_alive = False
-        self._finish(now, f"server closed the connection {where}{detail}")
-
-    # -- parsing -----------------------------------------------------------------------------------------
 
     def _advance(self, data: bytes, now: float) -> None:
         # Index arithmetic over the immutable read: no buffer shifting, and a chunk that arrived whole is
-        # handed on as one slice.
+        # handed on as one slice (or, framing only, not sliced at all).
+        keep = self.keep_content
         pos = 0
         end = len(data)
         while pos < end:
-            state = self._state
+            state = self.state
             if state == _CHUNK_SIZE:
                 eol = data.find(b"\r\n", pos)
                 if eol < 0:
@@ -215,33 +229,34 @@ class _ResponseProtocol(asyncio.Protocol):
                 size = _chunk_size(data[pos:eol])
                 pos = eol + 2
                 if size == 0:
-                    self._state = _TRAILERS
+                    self.state = _TRAILERS
                 elif pos + size + 2 <= end:
                     stop = pos + size
                     if data[stop] != 13 or data[stop + 1] != 10:
                         raise _ProtocolError("chunk data not followed by CRLF")
-                    self._on_body(data[pos:stop], now)
+                    if keep:
+                        self._on_body(data[pos:stop], now)
                     pos = stop + 2
                 else:
-                    self._remaining = size
-                    self._state = _CHUNK_DATA
+                    self.remaining = size
+                    self.state = _CHUNK_DATA
             elif state == _CHUNK_DATA:
                 # Pass partial chunks on at once: an SSE event that completes inside a large chunk must be
                 # stamped when its bytes arrive, not when the chunk ends.
-                stop = min(end, pos + self._remaining)
-                self._remaining -= stop - pos
-                if self._remaining == 0:
-                    self._state = _CHUNK_END
-                piece = data[pos:stop]
+                stop = min(end, pos + self.remaining)
+                self.remaining -= stop - pos
+                if self.remaining == 0:
+                    self.state = _CHUNK_END
+                if keep:
+                    self._on_body(data[pos:stop], now)
                 pos = stop
-                self._on_body(piece, now)
             elif state == _CHUNK_END:
                 if end - pos < 2:
                     break
                 if data[pos] != 13 or data[pos + 1] != 10:
                     raise _ProtocolError("chunk data not followed by CRLF")
                 pos += 2
-                self._state = _CHUNK_SIZE
+                self.state = _CHUNK_SIZE
             elif state == _TRAILERS:
                 if data.startswith(b"\r\n", pos):
                     pos += 2
@@ -261,75 +276,46 @@ class _ResponseProtocol(asyncio.Protocol):
                 pos = stop + 4
                 self._parse_head(head, now)
             elif state == _FIXED:
-                stop = min(end, pos + self._remaining)
-                self._remaining -= stop - pos
-                piece = data[pos:stop]
+                stop = min(end, pos + self.remaining)
+                self.remaining -= stop - pos
+                if keep:
+                    self._on_body(data[pos:stop], now)
                 pos = stop
-                self._on_body(piece, now)
-                if self._remaining == 0:
+                if self.remaining == 0:
                     self._complete(now)
             elif state == _TO_EOF:
-                self._on_body(data[pos:], now)
+                if keep:
+                    self._on_body(data[pos:], now)
                 pos = end
             else:  # _COMPLETE: we never pipeline, so extra bytes mean a confused server.
                 logger.debug("%d bytes after the end of a response; connection will not be reused", end - pos)
                 self.keep_alive = False
                 pos = end
         if pos < end:
-            self._pending = data[pos:]
+            self.pending = data[pos:]
 
     def _parse_head(self, head: bytes, now: float) -> None:
-        lines = head.split(b"\r\n")
-        parts = lines[0].split(b" ", 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/"):
-            raise _ProtocolError(f"bad status line {lines[0][:80]!r}")
-        try:
-            status = int(parts[1])
-        except ValueError:
-            raise _ProtocolError(f"bad status code {parts[1][:20]!r}") from None
-        if 100 <= status < 200:
+        info = _head_info(head)
+        if info is None:
             return  # interim response (100 Continue): the real head follows
+        status, self.reason, self.content_type, self.keep_alive, chunked, length = info
         self.status = status
-        self.reason = parts[2].decode("latin-1") if len(parts) > 2 else ""
-        keep_alive = parts[0] != b"HTTP/1.0"
-        chunked = False
-        length: int | None = None
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            name = name.strip().lower()
-            if name == b"transfer-encoding":
-                chunked = b"chunked" in value.lower()
-            elif name == b"content-length":
-                try:
-                    length = int(value)
-                except ValueError:
-                    raise _ProtocolError(f"bad Content-Length {value[:20]!r}") from None
-            elif name == b"connection":
-                token = value.strip().lower()
-                if token == b"close":
-                    keep_alive = False
-                elif token == b"keep-alive":
-                    keep_alive = True
-            elif name == b"content-type":
-                self.content_type = value.strip().decode("latin-1")
-        self.keep_alive = keep_alive
-        is_2xx = 200 <= status < 300
         self.sse_mode = (
-            self._stream_requested
-            and is_2xx
+            self.stream_requested
+            and 200 <= status < 300
             and (not self.content_type or self.content_type.lower().startswith("text/event-stream"))
         )
         if chunked:
-            self._state = _CHUNK_SIZE
+            self.state = _CHUNK_SIZE
         elif status in (204, 304):
             self._complete(now)
         elif length is not None:
-            self._remaining = length
-            self._state = _FIXED
+            self.remaining = length
+            self.state = _FIXED
             if length == 0:
                 self._complete(now)
         else:
-            self._state = _TO_EOF
+            self.state = _TO_EOF
             self.keep_alive = False
 
     def _on_body(self, data: bytes, now: float) -> None:
@@ -339,13 +325,13 @@ class _ResponseProtocol(asyncio.Protocol):
             self.body += data
 
     def _feed_sse(self, data: bytes, now: float) -> None:
-        if self._sse:
-            data = self._sse + data
-            self._sse = b""
-        if self._sse_crlf or b"\r" in data:
+        if self.sse:
+            data = self.sse + data
+            self.sse = b""
+        if self.sse_crlf or b"\r" in data:
             # Some servers (sse-starlette) end lines with CRLF. A CR and its LF may arrive in different reads,
             # hence the flag: from the first CR on, every read is normalised together with the pending tail.
-            self._sse_crlf = True
+            self.sse_crlf = True
             data = data.replace(b"\r\n", b"\n")
         start = 0
         while True:
@@ -356,7 +342,7 @@ class _ResponseProtocol(asyncio.Protocol):
                 self._on_event(data, start, stop, now)
             start = stop + 2
         if start < len(data):
-            self._sse = data[start:]
+            self.sse = data[start:]
 
     def _on_event(self, data: bytes, start: int, stop: int, now: float) -> None:
         """Keep the `data:` payload of the event `data[start:stop]`."""
@@ -381,12 +367,205 @@ class _ResponseProtocol(asyncio.Protocol):
         self.event_data.append(payload)
 
     def _complete(self, now: float) -> None:
-        self._state = _COMPLETE
-        tail = self._sse.strip(b"\r\n")
-        if self.sse_mode and tail:
-            # A last event without its blank line: the body ended, so it is complete.
-            self._on_event(tail, 0, len(tail), now)
-        self._sse = b""
+        self.state = _COMPLETE
+        if self.keep_content and self.sse_mode:
+            tail = self.sse.strip(b"\r\n")
+            if tail:
+                # A last event without its blank line: the body ended, so it is complete.
+                self._on_event(tail, 0, len(tail), now)
+        self.sse = b""
+
+
+@functools.lru_cache(maxsize=256)
+def _head_info(head: bytes) -> tuple[int, str, str, bool, bool, int | None] | None:
+    """(status, reason, content type, keep-alive, chunked, content length) of a response head, None for 1xx.
+
+    Cached: a server sends the same few heads over and over (a `date` header changes once a second).
+    """
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/"):
+        raise _ProtocolError(f"bad status line {lines[0][:80]!r}")
+    try:
+        status = int(parts[1])
+    except ValueError:
+        raise _ProtocolError(f"bad status code {parts[1][:20]!r}") from None
+    if 100 <= status < 200:
+        return None
+    reason = parts[2].decode("latin-1") if len(parts) > 2 else ""
+    keep_alive = parts[0] != b"HTTP/1.0"
+    chunked = False
+    length: int | None = None
+    content_type = ""
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"transfer-encoding":
+            chunked = b"chunked" in value.lower()
+        elif name == b"content-length":
+            try:
+                length = int(value)
+            except ValueError:
+                raise _ProtocolError(f"bad Content-Length {value[:20]!r}") from None
+        elif name == b"connection":
+            token = value.strip().lower()
+            if token == b"close":
+                keep_alive = False
+            elif token == b"keep-alive":
+                keep_alive = True
+        elif name == b"content-type":
+            content_type = value.strip().decode("latin-1")
+    return status, reason, content_type, keep_alive, chunked, length
+
+
+@dataclass(slots=True)
+class RawResponse:
+    """One response as it came off the socket: every read with its arrival time, and how it ended.
+
+    `apply(record)` parses it into the record. Load generation keeps these until the measured window has
+    ended, so JSON decoding and SSE splitting never compete with the event loop for the CPU during a run.
+    """
+
+    stream: bool
+    read_times: list[float]
+    read_data: list[bytes]
+    finished_at: float | None
+    # Set live: a timeout, or framing the live parser rejected. A closed connection is judged by `apply`.
+    error: str | None
+    size: int
+    ended_by_close: bool = False
+    close_detail: str = ""
+
+    def apply(self, record: RequestRecord) -> None:
+        parser = _Parser(self.stream, keep_content=True)
+        error = self.error
+        try:
+            for now, data in zip(self.read_times, self.read_data, strict=True):
+                parser.feed(data, now)
+            if error is None and self.ended_by_close and self.finished_at is not None:
+                parser.end_of_body(self.finished_at)  # completes a read-to-close body
+        except _ProtocolError as exc:
+            error = error or f"invalid HTTP response: {exc}"
+        if error is None and parser.state != _COMPLETE:
+            if self.ended_by_close:
+                where = "before responding" if self.size == 0 else "mid-response"
+                error = f"server closed the connection {where}{self.close_detail}"
+            else:  # the live parser saw an end that this one did not: never for valid HTTP
+                error = "invalid HTTP response: incomplete"
+        _fill_record(record, parser, self.stream, self.finished_at, error)
+        self.read_data = []  # applied once; the bytes are not needed any more
+
+
+class _ResponseProtocol(asyncio.Protocol):
+    """Receives one response at a time; lives as long as its TCP connection.
+
+    Per read it takes one `perf_counter()`, keeps the bytes and lets a framing parser find where the response
+    ends: llhttp (through `httptools`, in C) when installed, else `_Parser` without content. Nothing else
+    happens while the response streams in.
+    """
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._waiter: asyncio.Future[None] | None = None
+        # One llhttp parser per connection: it follows consecutive keep-alive responses by itself.
+        self._llhttp = httptools.HttpResponseParser(self) if httptools is not None and _USE_LLHTTP else None
+        self.begin(False, None)
+
+    def begin(self, stream: bool, waiter: asyncio.Future[None] | None) -> None:
+        self.stream = stream
+        self.read_times: list[float] = []
+        self.read_data: list[bytes] = []
+        self.bytes_received = 0
+        self.finished_at: float | None = None
+        self.error: str | None = None
+        self.timed_out = False
+        self.ended_by_close = False
+        self.close_detail = ""
+        self.reusable = True
+        self._complete = False
+        self._server_keep_alive = True
+        self._framing = None if self._llhttp is not None else _Parser(stream, keep_content=False)
+        self._waiter = waiter
+
+    @property
+    def keep_alive(self) -> bool:
+        if not self.reusable:
+            return False
+        return self._server_keep_alive if self._framing is None else self._framing.keep_alive
+
+    def on_timeout(self, timeout_s: float) -> None:
+        if self._waiter is None:
+            return
+        self.timed_out = True
+        self._finish(perf_counter(), f"timeout: no complete response after {timeout_s:g} s")
+        self._close_transport()
+
+    # -- llhttp callbacks --------------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._complete:  # bytes after the end of the response: we never pipeline
+            logger.debug("bytes after the end of a response; connection will not be reused")
+            self.reusable = False
+
+    def on_headers_complete(self) -> None:
+        assert self._llhttp is not None
+        if self._llhttp.get_status_code() >= 200:
+            self._server_keep_alive = self._llhttp.should_keep_alive()
+
+    def on_message_complete(self) -> None:
+        assert self._llhttp is not None
+        if self._llhttp.get_status_code() >= 200:  # not an interim 1xx response
+            self._complete = True
+
+    # -- asyncio.Protocol --------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.data_arrived(data, perf_counter())
+
+    def data_arrived(self, data: bytes, now: float) -> None:
+        """`data` arrived at `now` (perf_counter seconds): the kernel's time with `_StampedTransport`."""
+        if self._waiter is None:
+            # Bytes nobody asked for: the framing of any later response would be lost.
+            logger.debug("unexpected %d bytes from an idle connection; closing it", len(data))
+            self._close_transport()
+            return
+        self.bytes_received += len(data)
+        self.read_times.append(now)
+        self.read_data.append(data)
+        try:
+            if self._framing is None:
+                self._llhttp.feed_data(data)  # type: ignore[union-attr]
+            else:
+                self._framing.feed(data, now)
+                self._complete = self._framing.state == _COMPLETE
+        except (_ProtocolError, _LlhttpError) as exc:
+            if not self._complete:
+                self._finish(now, f"invalid HTTP response: {exc}")
+                self._close_transport()
+                return
+            self.reusable = False  # garbage after a complete response
+        if self._complete:
+            self._finish(now, None)
+
+    def eof_received(self) -> bool:
+        if self._waiter is not None:
+            self._end_by_close(perf_counter(), None)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._waiter is not None:
+            self._end_by_close(perf_counter(), exc)
+
+    def _end_by_close(self, now: float, exc: Exception | None) -> None:
+        # Complete for a read-to-close body, else a failure: `RawResponse.apply` tells which.
+        self.ended_by_close = True
+        self.close_detail = f": {exc}" if exc else ""
+        self.reusable = False
         self._finish(now, None)
 
     def _finish(self, now: float, error: str | None) -> None:
@@ -396,12 +575,145 @@ class _ResponseProtocol(asyncio.Protocol):
         self._waiter = None
         self.finished_at = now
         self.error = error
+        if error is not None:
+            self.reusable = False
         if not waiter.done():
             waiter.set_result(None)
 
+    def take_response(self) -> RawResponse:
+        return RawResponse(
+            self.stream,
+            self.read_times,
+            self.read_data,
+            self.finished_at,
+            self.error,
+            self.bytes_received,
+            self.ended_by_close,
+            self.close_detail,
+        )
+
     def _close_transport(self) -> None:
+        self.reusable = False
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+
+
+class _StampedTransport:
+    """The part of an asyncio transport we use, over a plain TCP socket, with kernel receive timestamps.
+
+    Every read comes with the time the kernel received its last byte (SO_TIMESTAMPNS), so a response's
+    timestamps do not depend on when this process got the CPU to read it: a burst of events from many streams
+    at once, a busy client or a neighbour process on a shared machine leave them as they were on the wire.
+    The kernel's stamp is CLOCK_REALTIME; it is turned into `perf_counter` time through the delay until the
+    read (`time_ns() - stamp`), measured on one clock just after the read.
+    """
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, protocol: _ResponseProtocol
+    ) -> None:
+        self._loop = loop
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._protocol = protocol
+        self._closing = False
+        self._out = bytearray()
+        protocol.connection_made(self)  # type: ignore[arg-type]
+        loop.add_reader(self._fd, self._on_readable)
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def _on_readable(self) -> None:
+        for _ in range(_MAX_READS_PER_WAKEUP):
+            try:
+                data, ancillary, _, _ = self._sock.recvmsg(_READ_SIZE, _ANCILLARY_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._shut(exc)
+                return
+            now = perf_counter()
+            wall = time_ns()
+            if not data:
+                self._protocol.eof_received()
+                self._shut(None)
+                return
+            for level, kind, raw in ancillary:
+                if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(raw) == _TIMESPEC.size:
+                    seconds, nanos = _TIMESPEC.unpack(raw)
+                    delay = wall - (seconds * 1_000_000_000 + nanos)
+                    # Out of range means the wall clock was stepped meanwhile: keep the read time then.
+                    if 0 <= delay < _MAX_STAMP_DELAY_NS:
+                        now -= delay * 1e-9
+            self._protocol.data_arrived(data, now)
+            if len(data) < _READ_SIZE or self._closing:
+                return
+
+    def write(self, data: bytes) -> None:
+        if self._closing:
+            return
+        if self._out:
+            self._out += data
+            return
+        try:
+            sent = self._sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._shut(exc)
+            return
+        if sent < len(data):
+            self._out += memoryview(data)[sent:]
+            self._loop.add_writer(self._fd, self._on_writable)
+
+    def _on_writable(self) -> None:
+        try:
+            sent = self._sock.send(self._out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._shut(exc)
+            return
+        del self._out[:sent]
+        if not self._out:
+            self._loop.remove_writer(self._fd)
+
+    def close(self) -> None:
+        self._shut(None)
+
+    def _shut(self, exc: Exception | None) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._loop.remove_reader(self._fd)
+        if self._out:
+            self._loop.remove_writer(self._fd)
+            self._out.clear()
+        self._sock.close()
+        self._loop.call_soon(self._protocol.connection_lost, exc)
+
+
+async def _open_stamped_socket(loop: asyncio.AbstractEventLoop, target: Target) -> socket.socket:
+    infos = await loop.getaddrinfo(
+        target.host, target.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+    )
+    error: OSError | None = None
+    for family, kind, proto, _, address in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)  # type: ignore[arg-type]
+            await loop.sock_connect(sock, address)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    raise error or OSError(f"no address found for {target.host}")
 
 
 class HttpConnection:
@@ -433,18 +745,22 @@ class HttpConnection:
         loop = asyncio.get_running_loop()
         protocol = _ResponseProtocol()
         target = self.target
-        tls = _client_tls_context() if target.uses_tls else None
-        transport, _ = await asyncio.wait_for(
-            loop.create_connection(
-                lambda: protocol,
-                target.host,
-                target.port,
-                ssl=tls,
-                server_hostname=target.host if tls else None,
-            ),
-            self.connect_timeout_s,
-        )
-        self._transport = transport  # type: ignore[assignment]
+        if not target.uses_tls and _USE_KERNEL_STAMPS and _SO_TIMESTAMPNS is not None:
+            sock = await asyncio.wait_for(_open_stamped_socket(loop, target), self.connect_timeout_s)
+            transport: Any = _StampedTransport(loop, sock, protocol)
+        else:
+            tls = _client_tls_context() if target.uses_tls else None
+            transport, _ = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: protocol,
+                    target.host,
+                    target.port,
+                    ssl=tls,
+                    server_hostname=target.host if tls else None,
+                ),
+                self.connect_timeout_s,
+            )
+        self._transport = transport
         self._protocol = protocol
         self._responses_on_connection = 0
 
@@ -456,6 +772,18 @@ class HttpConnection:
 
     async def send(self, request: PreparedRequest, record: RequestRecord, *, timeout_s: float) -> None:
         """Send one request and fill `record`; errors end up in `record.error`, not raised."""
+        response = await self.send_deferred(request, record, timeout_s=timeout_s)
+        if response is not None:
+            response.apply(record)
+
+    async def send_deferred(
+        self, request: PreparedRequest, record: RequestRecord, *, timeout_s: float
+    ) -> RawResponse | None:
+        """Send one request and set `record.sent_at`; return the raw response for `apply(record)` later.
+
+        None means there is no response to parse (the connection could not be made) and `record` is
+        already complete.
+        """
         record.stream = request.stream
         loop = asyncio.get_running_loop()
         for attempt in range(2):
@@ -470,7 +798,7 @@ class HttpConnection:
                     record.error = (
                         f"connect to {self.target.host}:{self.target.port} failed: {_describe(exc)}"
                     )
-                    return
+                    return None
             protocol = self._protocol
             transport = self._transport
             assert protocol is not None and transport is not None
@@ -488,15 +816,15 @@ class HttpConnection:
             finally:
                 timer.cancel()
             self._responses_on_connection += 1
-            stale = reused and protocol.bytes_received == 0 and protocol.closed and not protocol.timed_out
+            stale = reused and protocol.bytes_received == 0 and protocol.ended_by_close
             if stale and attempt == 0:
                 logger.debug("keep-alive connection was closed by the server; resending on a new one")
                 self.close()
                 continue
             break
-        _fill_record(record, protocol, request)
-        if protocol.error is not None or not protocol.keep_alive:
+        if not protocol.keep_alive:
             self.close()
+        return protocol.take_response()
 
 
 def _chunk_size(line: bytes) -> int:
@@ -516,24 +844,26 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _fill_record(record: RequestRecord, protocol: _ResponseProtocol, request: PreparedRequest) -> None:
-    record.http_status = protocol.status
-    record.done_at = protocol.finished_at
-    status = protocol.status
+def _fill_record(
+    record: RequestRecord, parser: _Parser, stream: bool, finished_at: float | None, error: str | None
+) -> None:
+    status = parser.status
+    record.http_status = status
+    record.done_at = finished_at
     is_2xx = status is not None and 200 <= status < 300
-    if protocol.sse_mode:
+    if parser.sse_mode:
         # Partial streams are interpreted too: a request that died mid-stream keeps its timings.
-        apply_sse_events(record, protocol.event_times, protocol.event_data)
-    elif is_2xx and protocol.error is None:
-        if request.stream:
-            record.error = f"asked for a stream but the server answered {protocol.content_type or 'no type'}"
+        apply_sse_events(record, parser.event_times, parser.event_data)
+    elif is_2xx and error is None:
+        if stream:
+            record.error = f"asked for a stream but the server answered {parser.content_type or 'no type'}"
         else:
-            apply_json_body(record, bytes(protocol.body))
-    if protocol.error is not None:
-        record.error = protocol.error
+            apply_json_body(record, bytes(parser.body))
+    if error is not None:
+        record.error = error
     elif not is_2xx:
-        record.error = error_text(status, protocol.reason, bytes(protocol.body))
-    elif record.error is None and request.stream and not record.chunk_times:
+        record.error = error_text(status, parser.reason, bytes(parser.body))
+    elif record.error is None and stream and not record.chunk_times:
         record.error = "stream ended without any generated text"
     record.success = record.error is None
 

@@ -9,7 +9,10 @@ never accumulate into drift. `concurrency` then caps the requests in flight; a r
 a free connection keeps its `scheduled_at`, so the wait shows up as client queue time instead of being hidden.
 
 Connections are opened before the measured window starts. Payloads are complete JSON bodies built by the
-caller; this module only serialises them (also before the window) and sends them.
+caller; this module only serialises them (also before the window) and sends them. Responses are parsed
+after the window has ended (`RawResponse`): during the run the client only stamps reads and follows the
+HTTP framing, so its capacity goes to sending and receiving. Should the raw bytes waiting to be parsed
+exceed `defer_parse_bytes` (long runs), the oldest are parsed during the run to bound memory.
 """
 
 from __future__ import annotations
@@ -19,15 +22,23 @@ import gc
 import logging
 import math
 import random
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from time import perf_counter
 from typing import Any
 
-from llmstack.bench.http import HttpConnection, PreparedRequest, Target, parse_url, prepare_request
+from llmstack.bench.http import (
+    HttpConnection,
+    PreparedRequest,
+    RawResponse,
+    Target,
+    parse_url,
+    prepare_request,
+)
 from llmstack.bench.records import RequestRecord
 
-__all__ = ["LoadResult", "arrival_offsets", "run_load", "run_load_sync"]
+__all__ = ["LoadPart", "LoadResult", "arrival_offsets", "run_load", "run_load_sync", "run_part"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +47,10 @@ ProgressCallback = Callable[[int, int], None]
 # Without a concurrency cap the number of connections an open loop needs is unknown; opening about one
 # second's worth of arrivals up front keeps connection setup out of the first requests' latency.
 _MAX_PREOPENED_UNCAPPED = 256
+# Raw response bytes kept for parsing after the window: about 70k responses of 16 tokens, or 10k of 128.
+DEFAULT_DEFER_PARSE_BYTES = 256 * 1024 * 1024
+# A progress callback (a terminal bar) runs at most this often, and once more at the end.
+_PROGRESS_INTERVAL_S = 0.1
 
 
 @dataclass(slots=True, repr=False)
@@ -108,49 +123,118 @@ async def run_load(
     timeout_s: float,
     progress: ProgressCallback | None = None,
     input_lens: Sequence[int | None] | None = None,
+    defer_parse_bytes: int = DEFAULT_DEFER_PARSE_BYTES,
 ) -> LoadResult:
     """Send every payload to `base_url + endpoint` and return one record per payload (same order).
 
     `input_lens` optionally gives each prompt's expected token count (used when the server reports no usage).
+    `defer_parse_bytes` bounds the raw response bytes held for parsing after the window; 0 parses every
+    response as soon as it has ended.
     """
+    validate_load(payloads, concurrency, request_rate, input_lens)
+    offsets = (
+        None if math.isinf(request_rate) else arrival_offsets(len(payloads), request_rate, burstiness, seed)
+    )
+    part = LoadPart(
+        url=base_url.rstrip("/") + endpoint,
+        payloads=list(payloads),
+        indices=list(range(len(payloads))),
+        offsets=offsets,
+        concurrency=concurrency,
+        api_key=api_key,
+        timeout_s=timeout_s,
+        input_lens=list(input_lens) if input_lens is not None else None,
+        defer_parse_bytes=defer_parse_bytes,
+    )
+    records, start, end = await run_part(part, progress)
+    return LoadResult(records, start, end, concurrency, request_rate, burstiness)
+
+
+def validate_load(
+    payloads: Sequence[dict[str, Any]],
+    concurrency: int | None,
+    request_rate: float,
+    input_lens: Sequence[int | None] | None,
+) -> None:
     if concurrency is not None and concurrency < 1:
         raise ValueError(f"concurrency must be >= 1 or None, got {concurrency}")
     if not request_rate > 0:
         raise ValueError(f"request_rate must be positive, got {request_rate}")
     if input_lens is not None and len(input_lens) != len(payloads):
         raise ValueError("input_lens must have one entry per payload")
-    target = parse_url(base_url.rstrip("/") + endpoint)
-    prepared = [prepare_request(target, payload, api_key=api_key) for payload in payloads]
+
+
+@dataclass(slots=True)
+class LoadPart:
+    """The requests one process sends: the whole run, or one shard of it (`llmstack.bench.sharded`)."""
+
+    url: str
+    payloads: list[dict[str, Any]]
+    indices: list[int]  # each payload's index in the whole run: its record's `index`
+    offsets: list[float] | None  # open loop: each payload's send time after the start; None: closed loop
+    concurrency: int | None
+    api_key: str | None
+    timeout_s: float
+    input_lens: list[int | None] | None
+    defer_parse_bytes: int
+
+
+# Called once the connections are open; blocks until the start and returns it (perf_counter seconds).
+StartGate = Callable[[], float]
+
+
+async def run_part(
+    part: LoadPart, progress: ProgressCallback | None, gate: StartGate | None = None
+) -> tuple[list[RequestRecord], float, float]:
+    """Run `part`; return its records (in `part.payloads` order) and the measured window."""
+    target = parse_url(part.url)
+    prepared = [prepare_request(target, payload, api_key=part.api_key) for payload in part.payloads]
     records = [
         RequestRecord(
-            index=i,
-            expected_input_tokens=input_lens[i] if input_lens is not None else None,
+            index=index,
+            expected_input_tokens=part.input_lens[i] if part.input_lens is not None else None,
             expected_output_tokens=_requested_output_tokens(payload),
             stream=bool(payload.get("stream")),
         )
-        for i, payload in enumerate(payloads)
+        for i, (index, payload) in enumerate(zip(part.indices, part.payloads, strict=True))
     ]
     counter = _Progress(len(records), progress)
-    # Like vLLM: a frozen heap makes the collector's pauses short and rare during the run.
+    backlog = _Backlog(records, part.defer_parse_bytes)
+    # Like vLLM, freeze the heap built so far; unlike vLLM, no collection at all inside the window: a pause
+    # there delays every timestamp taken after it. A run makes no reference cycles worth collecting.
     gc.collect()
     gc.freeze()
+    collector_was_on = gc.isenabled()
+    gc.disable()
+    run = _Run(target, prepared, records, part.timeout_s, counter, backlog, gate)
     try:
-        if math.isinf(request_rate):
-            workers = len(records) if concurrency is None else min(concurrency, len(records))
-            start, end = await _closed_loop(target, prepared, records, workers, timeout_s, counter)
+        if part.offsets is None:
+            workers = len(records) if part.concurrency is None else min(part.concurrency, len(records))
+            start, end = await _closed_loop(run, workers)
         else:
-            offsets = arrival_offsets(len(records), request_rate, burstiness, seed)
-            start, end = await _open_loop(target, prepared, records, offsets, concurrency, timeout_s, counter)
+            start, end = await _open_loop(run, part.offsets, part.concurrency)
     finally:
+        # Also after an interruption: whatever did complete is parsed into its record.
+        backlog.apply_all()
+        if collector_was_on:
+            gc.enable()
         gc.unfreeze()
     failed = sum(not r.success for r in records)
     if failed:
         logger.info("%d of %d requests failed", failed, len(records))
-    return LoadResult(records, start, end, concurrency, request_rate, burstiness)
+    return records, start, end
 
 
-def run_load_sync(*args: Any, **kwargs: Any) -> LoadResult:
-    """`run_load` in a fresh event loop (uvloop when installed)."""
+def run_load_sync(*args: Any, processes: int = 1, **kwargs: Any) -> LoadResult:
+    """`run_load` in a fresh event loop (uvloop when installed).
+
+    `processes > 1` shards the requests over that many client processes (`llmstack.bench.sharded`), for
+    machines where one process cannot keep up with the server.
+    """
+    if processes > 1:
+        from llmstack.bench.sharded import run_load_processes
+
+        return run_load_processes(*args, processes=processes, **kwargs)
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(run_load(*args, **kwargs))
 
@@ -172,20 +256,61 @@ def _requested_output_tokens(payload: dict[str, Any]) -> int | None:
 
 
 class _Progress:
+    """Counts finished requests; calls the callback at most every `_PROGRESS_INTERVAL_S` and at the end.
+
+    Unthrottled, a terminal progress bar would cost one write per request: at thousands of requests per
+    second, a real share of the client's CPU.
+    """
+
     def __init__(self, total: int, callback: ProgressCallback | None) -> None:
         self.total = total
         self.done = 0
         self.callback = callback
+        self._next_call = 0.0
 
     def step(self) -> None:
         self.done += 1
-        if self.callback is not None:
-            try:
-                self.callback(self.done, self.total)
-            except Exception:
-                # A broken progress bar must not abort a benchmark.
-                logger.exception("progress callback failed")
-                self.callback = None
+        if self.callback is None:
+            return
+        now = perf_counter()
+        if now < self._next_call and self.done < self.total:
+            return
+        self._next_call = now + _PROGRESS_INTERVAL_S
+        try:
+            self.callback(self.done, self.total)
+        except Exception:
+            # A broken progress bar must not abort a benchmark.
+            logger.exception("progress callback failed")
+            self.callback = None
+
+
+class _Backlog:
+    """Raw responses waiting to be parsed into their records, oldest first, within a byte budget."""
+
+    def __init__(self, records: list[RequestRecord], budget_bytes: int) -> None:
+        self.records = records
+        self.budget = budget_bytes
+        self.pending: deque[tuple[int, RawResponse]] = deque()
+        self.bytes = 0
+
+    def add(self, index: int, response: RawResponse | None) -> None:
+        if response is None:
+            return  # nothing to parse: the record is complete (connect failure)
+        self.pending.append((index, response))
+        self.bytes += response.size
+        if self.bytes > self.budget:
+            # Over budget: parse down to half of it, so this happens in a few batches, not per request.
+            while self.pending and self.bytes > self.budget // 2:
+                self._apply_oldest()
+
+    def _apply_oldest(self) -> None:
+        index, response = self.pending.popleft()
+        self.bytes -= response.size
+        response.apply(self.records[index])
+
+    def apply_all(self) -> None:
+        while self.pending:
+            self._apply_oldest()
 
 
 async def _open_connections(target: Target, count: int, timeout_s: float) -> list[HttpConnection]:
@@ -198,25 +323,42 @@ async def _open_connections(target: Target, count: int, timeout_s: float) -> lis
     return connections
 
 
-async def _closed_loop(
-    target: Target,
-    prepared: list[PreparedRequest],
-    records: list[RequestRecord],
-    workers: int,
-    timeout_s: float,
-    counter: _Progress,
-) -> tuple[float, float]:
-    connections = await _open_connections(target, workers, timeout_s)
+@dataclass(slots=True)
+class _Run:
+    target: Target
+    prepared: list[PreparedRequest]
+    records: list[RequestRecord]
+    timeout_s: float
+    counter: _Progress
+    backlog: _Backlog
+    gate: StartGate | None
+
+    async def start(self) -> float:
+        """The start of the window: now, or the time the gate gives (shared by every shard)."""
+        if self.gate is None:
+            return perf_counter()
+        start = self.gate()
+        delay = start - perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        return start
+
+
+async def _closed_loop(run: _Run, workers: int) -> tuple[float, float]:
+    connections = await _open_connections(run.target, workers, run.timeout_s)
+    prepared, records, timeout_s, backlog, counter = (
+        run.prepared, run.records, run.timeout_s, run.backlog, run.counter
+    )  # fmt: skip
     # One shared iterator: next() never yields to the loop, so no index is taken twice.
     pending = iter(range(len(records)))
 
     async def worker(connection: HttpConnection) -> None:
         for i in pending:
-            await connection.send(prepared[i], records[i], timeout_s=timeout_s)
+            backlog.add(i, await connection.send_deferred(prepared[i], records[i], timeout_s=timeout_s))
             counter.step()
 
-    start = perf_counter()
     try:
+        start = await run.start()
         await asyncio.gather(*(worker(c) for c in connections))
         end = perf_counter()
     finally:
@@ -250,15 +392,8 @@ class _ConnectionPool:
             self._slots.release()
 
 
-async def _open_loop(
-    target: Target,
-    prepared: list[PreparedRequest],
-    records: list[RequestRecord],
-    offsets: list[float],
-    cap: int | None,
-    timeout_s: float,
-    counter: _Progress,
-) -> tuple[float, float]:
+async def _open_loop(run: _Run, offsets: list[float], cap: int | None) -> tuple[float, float]:
+    target, prepared, records, timeout_s = run.target, run.prepared, run.records, run.timeout_s
     pool = _ConnectionPool(target, cap, timeout_s)
     count = len(records)
     if cap is not None:
@@ -273,15 +408,16 @@ async def _open_loop(
     async def send(i: int) -> None:
         connection = await pool.acquire()
         try:
-            await connection.send(prepared[i], records[i], timeout_s=timeout_s)
+            response = await connection.send_deferred(prepared[i], records[i], timeout_s=timeout_s)
         finally:
             pool.release(connection)
-        counter.step()
+        run.backlog.add(i, response)
+        run.counter.step()
 
     loop = asyncio.get_running_loop()
     tasks: list[asyncio.Task[None]] = []
-    start = perf_counter()
     try:
+        start = await run.start()
         i = 0
         while i < count:
             now = perf_counter()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,13 +45,51 @@ def token_counter(tokenizer: Any | None) -> Callable[[str], int] | None:
 
 def random_prompts(tokenizer: Any | None, count: int, input_len: int, seed: int) -> list[Prompt]:
     """`count` prompts of `input_len` tokens each (as the server counts them), reproducible from `seed`."""
+    return exact_prompts(tokenizer, [input_len] * count, seed)
+
+
+def exact_prompts(tokenizer: Any | None, lengths: Sequence[int], seed: int) -> list[Prompt]:
+    """One prompt of random words per entry of `lengths` (tokens as the server counts them, special tokens
+    included), reproducible from `seed`; prompt i depends only on (seed, i, lengths[i])."""
     if tokenizer is None:
-        return [_word_prompt(input_len, seed + i) for i in range(count)]
+        return [_word_prompt(length, seed + i) for i, length in enumerate(lengths)]
     words = _word_tokens(tokenizer)
-    overhead = len(tokenizer.encode("").ids)  # BOS and friends the server adds to every prompt
-    content_len = max(1, input_len - overhead)
-    rngs = (random.Random(seed * 1_000_003 + i) for i in range(count))
-    return [_exact_prompt(tokenizer, words, content_len, rng) for rng in rngs]
+    overhead = special_token_overhead(tokenizer)
+    return [
+        _exact_prompt(tokenizer, words, max(1, length - overhead), random.Random(seed * 1_000_003 + i))
+        for i, length in enumerate(lengths)
+    ]
+
+
+def special_token_overhead(tokenizer: Any) -> int:
+    """Tokens (BOS and friends) the tokenizer adds to every prompt."""
+    return len(tokenizer.encode("").ids)
+
+
+def truncated_prompt(tokenizer: Any | None, text: str, input_len: int) -> Prompt:
+    """The start of `text` that is exactly `input_len` tokens as the server counts them (special tokens
+    included), as the seed cut its long prompt, but checked: cutting token ids and decoding can change how
+    the text re-tokenizes at the cut, so the cut moves until the count is exact (or the closest found).
+    """
+    if tokenizer is None:
+        words = text.split()[:input_len]
+        return Prompt(text=" ".join(words), tokens=len(words))
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    target = max(1, input_len - special_token_overhead(tokenizer))
+    if len(ids) < target:
+        raise ValueError(f"the text has {len(ids)} tokens, fewer than the {target} asked for")
+    best: Prompt | None = None
+    cut = target
+    for _ in range(_MAX_ROUNDS):
+        piece = tokenizer.decode(ids[:cut])
+        prompt = Prompt(text=piece, tokens=len(tokenizer.encode(piece).ids))
+        if best is None or abs(prompt.tokens - input_len) < abs(best.tokens - input_len):
+            best = prompt
+        if prompt.tokens == input_len:
+            break
+        cut = min(len(ids), max(1, cut + input_len - prompt.tokens))
+    assert best is not None
+    return best
 
 
 def _word_tokens(tokenizer: Any) -> list[str]:

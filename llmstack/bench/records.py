@@ -27,7 +27,8 @@ class RequestRecord:
       - `sent_at`: just before the request bytes were written to an open connection.
       - `chunk_times`: arrival time of every SSE event that carried generated text (a role-only chunk, an
         empty text, the final usage-only chunk and `[DONE]` are not in it). The arrival time of an event is
-        the time of the socket read that completed it.
+        the time of the socket read that completed it: on Linux over plain TCP, the kernel's receive time
+        of that read's data (see `llmstack.bench.http`).
       - `chunk_token_counts`: tokens carried by each entry of `chunk_times`, when the server said so
         (per-chunk cumulative `usage` from `stream_options.continuous_usage_stats`, or `logprobs`); else
         None.

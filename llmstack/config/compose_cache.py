@@ -59,13 +59,15 @@ def load(config_dir: Path, args: list[str]) -> DictConfig | None:
         raw = OmegaConf.create(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    from llmstack.config.schema import ENGINE_SCHEMAS, RunConfig
+    from llmstack.config.schema import BENCHMARK_SCHEMAS, ENGINE_SCHEMAS, RunConfig
 
     engine_schema = ENGINE_SCHEMAS.get(str(raw.get("engine", {}).get("name")))
-    if engine_schema is None:
+    benchmark_schema = BENCHMARK_SCHEMAS.get(str(raw.get("benchmark", {}).get("phase")))
+    if engine_schema is None or benchmark_schema is None:
         return None
     typed = OmegaConf.structured(RunConfig)
     typed.engine = OmegaConf.structured(engine_schema)
+    typed.benchmark = OmegaConf.structured(benchmark_schema)
     return OmegaConf.merge(typed, raw)  # type: ignore[return-value]
 
 

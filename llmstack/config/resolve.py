@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from llmstack import devices
+from llmstack.config.architecture import with_config_json
 from llmstack.config.schema import LowBitConfig, RunConfig
 from llmstack.errors import ConfigError
 
@@ -80,6 +81,7 @@ def resolve(
         model = dataclasses.replace(model, path=str(tiny_model_dir()))
     if model.served_name is None:
         model = dataclasses.replace(model, served_name=model.name)
+    model = with_config_json(model)
 
     resolved = dataclasses.replace(run, device=device, low_bit=low_bit, model=model)
     return dataclasses.replace(resolved, engine=engine.resolve(resolved))

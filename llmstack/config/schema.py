@@ -16,6 +16,29 @@ from omegaconf import MISSING
 
 
 @dataclass
+class ModelArchitecture:
+    """Shape facts from the model's config.json, for the memory estimate (llmstack/config/memory.py).
+
+    None: unknown. The checked-in models carry their published values; model=local and model=tiny fill the
+    unknown ones from config.json in model.path when it is there.
+    """
+
+    hidden_size: Optional[int] = None
+    intermediate_size: Optional[int] = None
+    num_hidden_layers: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    # None: num_attention_heads (no grouped-query attention).
+    num_key_value_heads: Optional[int] = None
+    # None: hidden_size // num_attention_heads.
+    head_dim: Optional[int] = None
+    vocab_size: Optional[int] = None
+    # None: false (a separate lm_head, the larger estimate).
+    tie_word_embeddings: Optional[bool] = None
+    # When set, used instead of the count derived from the shape above (e.g. for MoE models).
+    num_parameters: Optional[int] = None
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING
     # A local directory with the weights. None only for generated models (see `generator`).
@@ -31,6 +54,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     # A tokenizer directory when it is not next to the weights.
     tokenizer: Optional[str] = None
+    arch: ModelArchitecture = field(default_factory=ModelArchitecture)
 
 
 @dataclass
@@ -62,6 +86,14 @@ class DeviceConfig:
     ids: Optional[list[int]] = None
     # Environment every engine gets on this device.
     env: dict[str, str] = field(default_factory=dict)
+    # Memory of one device in GiB (a card, or a tile where the driver exposes tiles); None: unknown, and the
+    # memory-fit check (llmstack/config/memory.py) is skipped. Profiles set it with its source.
+    memory_gib: Optional[float] = None
+    # The largest single allocation the device allows, in GiB (Arc: 4); None: no known limit. Only warns.
+    max_alloc_gib: Optional[float] = None
+    # What the driver calls the card a profile is written for (a case-insensitive regular expression
+    # matched by `python -m llmstack.doctor` against detected names); None: any card of this kind.
+    product: Optional[str] = None
 
 
 @dataclass
@@ -98,6 +130,8 @@ class VllmEngineConfig:
     api_key: Optional[str] = None
     # vLLM on CPU reserves this much host RAM (GiB) for its KV cache (VLLM_CPU_KVCACHE_SPACE).
     cpu_kvcache_space_gib: int = 2
+    # --kv-cache-dtype: auto (the model's dtype) or an fp8 variant; None: not passed (the engine's auto).
+    kv_cache_dtype: Optional[str] = None
     extra_args: list[str] = field(default_factory=list)
     extra_env: dict[str, str] = field(default_factory=dict)
     # Seconds to wait for readiness, and to wait after SIGTERM before SIGKILL.
@@ -105,27 +139,190 @@ class VllmEngineConfig:
     shutdown_grace_s: float = 15.0
 
 
+@dataclass
+class LightweightEngineConfig:
+    """llmstack's own worker (`python -m llmstack.workers.lightweight`): continuous batching over transformers
+    or ipex-llm, OpenAI-compatible HTTP. Defaults are documented in configs/engine/lightweight.yaml."""
+
+    name: str = "lightweight"
+    # transformers (cpu, cuda, xpu; low_bit none/fp16/bf16) | ipex_llm (cpu, xpu; ipex-llm's low-bit formats)
+    backend: str = "transformers"
+    # auto | fused (llmstack's decoder for Llama/Mistral/Qwen2) | generic (the model's own forward)
+    # | fast (fused arithmetic, batched prefill, CUDA-graph decode on cuda; workers/backends/fast_llama.py)
+    model_impl: str = "auto"
+    # The interpreter that runs the worker (ipex_llm: one with ipex-llm, e.g. .venv-ipex/bin/python).
+    python: Optional[str] = None
+    host: str = "127.0.0.1"
+    # 0 picks a free port at launch.
+    port: int = 8000
+    # None: model.served_name.
+    served_model_name: Optional[str] = None
+    # Sequences decoded together; beyond them up to max_waiting_requests queue, then 503.
+    max_batch_size: int = 16
+    max_waiting_requests: int = 256
+    # None: model.max_model_len.
+    max_model_len: Optional[int] = None
+    # auto | float32 | bfloat16 | float16 (low_bit fp16/bf16 set it for the transformers backend)
+    dtype: str = "auto"
+    # None: model.trust_remote_code.
+    trust_remote_code: Optional[bool] = None
+    api_key: Optional[str] = None
+    # torch.set_num_threads in the worker; None: torch's default (all cores).
+    torch_threads: Optional[int] = None
+    log_level: str = "info"
+    extra_args: list[str] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)
+    startup_timeout_s: float = 600.0
+    shutdown_grace_s: float = 15.0
+
+
 # engine.name -> its schema; the engine group's YAMLs start from these.
-ENGINE_SCHEMAS: dict[str, type] = {"vllm": VllmEngineConfig}
+ENGINE_SCHEMAS: dict[str, type] = {"vllm": VllmEngineConfig, "lightweight": LightweightEngineConfig}
 
 
 @dataclass
 class BenchmarkConfig:
-    # none: serve until interrupted. smoke/online: streamed requests against the live server.
+    """Base of every benchmark phase's schema. `phase` picks the code that runs (BENCHMARK_SCHEMAS); `name`
+    is the option's own name (smoke and online are both the online phase). Seed defaults and every knob are
+    documented in configs/benchmark/*.yaml."""
+
     name: str = "none"
+    # none: serve until interrupted. online | multimodal | rps | offline_throughput: see their schemas.
+    phase: str = "none"
+
+
+@dataclass
+class SloConfig:
+    """Service-level objectives for goodput (DistServe, as vLLM's --goodput): a request is good when every
+    given limit holds. None: no limit on that metric; all None: no goodput."""
+
+    ttft_ms: Optional[float] = None
+    tpot_ms: Optional[float] = None
+    e2el_ms: Optional[float] = None
+
+
+@dataclass
+class HttpBenchmarkConfig(BenchmarkConfig):
+    """What every phase that sends requests to the live server shares."""
+
+    # Requests sent before measuring (same load shape), excluded from the results.
+    warmup_requests: int = 2
+    output_len: int = 32
+    # vLLM's sampling extensions: generate exactly max_tokens (no early stop at end-of-sequence).
+    ignore_eos: bool = True
+    # None: each request's own output length while ignore_eos is on, not sent otherwise; 0: never sent.
+    min_tokens: Optional[int] = None
+    temperature: float = 0.0
+    # Dataset sampling and the open-loop arrival schedule.
+    seed: int = 0
+    # A request that has not finished after this many seconds counts as failed.
+    timeout_s: float = 600.0
+    slo: SloConfig = field(default_factory=SloConfig)
+    # Percentiles reported for every latency metric (mean, median and std always are).
+    percentiles: list[float] = field(default_factory=lambda: [50.0, 90.0, 95.0, 99.0])
+
+
+@dataclass
+class OnlineBenchmarkConfig(HttpBenchmarkConfig):
+    phase: str = "online"
     # completions | chat
     endpoint: str = "completions"
-    num_prompts: int = 16
-    # Closed-loop load levels, run in order against the same server.
+    stream: bool = True
+    # Closed-loop load levels (requests in flight), run in order against the same server; used when
+    # request_rate is empty.
     concurrency: list[int] = field(default_factory=lambda: [4])
+    # Open-loop load levels in requests/s (each a level, in order); empty: closed loop.
+    request_rate: list[float] = field(default_factory=list)
+    # Gamma shape of the open-loop arrival gaps: 1 = Poisson, < 1 burstier, inf = evenly spaced.
+    burstiness: float = 1.0
+    # Open loop only: at most this many requests in flight; the wait is reported as client queue time.
+    max_concurrency: Optional[int] = None
+    # Measured requests per level. With duration_s: the size of the prompt pool cycled through.
+    num_prompts: int = 16
+    # Run each level this long instead of num_prompts requests (open loop: rate x duration requests).
+    duration_s: Optional[float] = None
+    # random | fixed | sharegpt | jsonl
+    dataset: str = "random"
+    # The file for sharegpt (JSON) and jsonl (one {"prompt": ..., "output_len": ...} per line).
+    dataset_path: Optional[str] = None
     input_len: int = 32
-    output_len: int = 32
-    # Requests sent before measuring, excluded from the results.
-    warmup_requests: int = 2
+    # random: lengths uniform in [len*(1-r), len*(1+r)], as vLLM's random dataset.
+    range_ratio: float = 0.0
+    # sharegpt: the seed's and vLLM's filter (prompt and reply >= 4 tokens, prompt <= 1024, sum <= 2048).
+    sharegpt_max_input_len: int = 1024
+    sharegpt_max_total_len: int = 2048
+    # sharegpt: ask every request for output_len tokens instead of its reply's length.
+    sharegpt_fixed_output_len: bool = False
+
+
+@dataclass
+class MultimodalBenchmarkConfig(HttpBenchmarkConfig):
+    phase: str = "multimodal"
+    # An http(s) URL (sent as is), a data: URL, or a local file (sent as a base64 data URL). Required.
+    image: Optional[str] = None
+    # The text part. None: "What is in the image?", or with input_len the fixed text cut to that many tokens.
+    prompt: Optional[str] = None
+    input_len: Optional[int] = None
+    output_len: int = 100
+    stream: bool = True
+    concurrency: list[int] = field(default_factory=lambda: [1])
+    num_prompts: int = 8
+
+
+@dataclass
+class RpsBenchmarkConfig(HttpBenchmarkConfig):
+    phase: str = "rps"
+    # The fixed prompt: our fixed text cut to this many tokens (the seed's payload is about 1024).
+    input_len: int = 1024
+    output_len: int = 128
+    temperature: float = 0.5
+    # Closed-loop connections, each sending the next request when the previous one ends, for duration_s.
+    connections: int = 12
+    duration_s: float = 60.0
+    # auto: also run wrk with the same payload when it is on PATH; never; always (an error without wrk).
+    wrk: str = "auto"
+    # wrk -t; None: min(connections, CPUs).
+    wrk_threads: Optional[int] = None
+    # wrk --timeout. wrk sizes its latency histogram by it (8 bytes per microsecond: 60 s = 480 MB of
+    # address space), so it has its own, smaller limit than timeout_s.
+    wrk_timeout_s: float = 60.0
+    timeout_s: float = 3600.0
+    percentiles: list[float] = field(default_factory=lambda: [50.0, 75.0, 90.0, 99.0])
+
+
+@dataclass
+class OfflineThroughputConfig(BenchmarkConfig):
+    """vLLM's in-process engine (no server), like vLLM's benchmark_throughput.py."""
+
+    phase: str = "offline_throughput"
+    # random | fixed | sharegpt | jsonl
+    dataset: str = "random"
+    dataset_path: Optional[str] = None
+    num_prompts: int = 1000
+    input_len: int = 128
+    output_len: int = 128
+    range_ratio: float = 0.0
+    sharegpt_max_input_len: int = 1024
+    sharegpt_max_total_len: int = 2048
+    sharegpt_fixed_output_len: bool = False
+    # Prompts generated (untimed) after the model loads, so warm-up costs stay out of the measurement.
+    warmup_requests: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
     ignore_eos: bool = True
-    temperature: float = 0.0
     seed: int = 0
-    timeout_s: float = 600.0
+    # The whole process (load, warm-up, measurement) is stopped after this many seconds.
+    timeout_s: float = 3600.0
+
+
+# benchmark.phase -> its schema; the benchmark group's YAMLs start from these.
+BENCHMARK_SCHEMAS: dict[str, type] = {
+    "none": BenchmarkConfig,
+    "online": OnlineBenchmarkConfig,
+    "multimodal": MultimodalBenchmarkConfig,
+    "rps": RpsBenchmarkConfig,
+    "offline_throughput": OfflineThroughputConfig,
+}
 
 
 @dataclass
@@ -134,14 +331,17 @@ class RunConfig:
     model: ModelConfig = MISSING
     low_bit: LowBitConfig = MISSING
     device: DeviceConfig = MISSING
-    benchmark: BenchmarkConfig = MISSING
+    # One of BENCHMARK_SCHEMAS, chosen by the benchmark group option.
+    benchmark: Any = MISSING
     # Print the launch plan (command, environment) and stop; nothing starts.
     dry_run: bool = False
     # results/<experiment_name>/<run_name>/
     results_dir: str = "results"
     experiment_name: str = "default"
-    # None: a timestamp.
+    # None: a timestamp. Grid jobs are named by their overrides instead.
     run_name: Optional[str] = None
+    # In a grid, run a job again even if its result exists.
+    rerun: bool = False
     # Echo every line of the engine's log on the console (it is always in server.log; warnings and errors
     # are echoed either way).
     show_engine_log: bool = False

@@ -5,8 +5,8 @@ from __future__ import annotations
 from hydra.core.config_store import ConfigStore
 
 from llmstack.config.schema import (
+    BENCHMARK_SCHEMAS,
     ENGINE_SCHEMAS,
-    BenchmarkConfig,
     DeviceConfig,
     LowBitConfig,
     ModelConfig,
@@ -15,6 +15,10 @@ from llmstack.config.schema import (
 
 
 def register_schemas() -> None:
+    """Everything Hydra needs before composing configs/: the typed schemas and our resolvers."""
+    from llmstack.config import register_resolvers
+
+    register_resolvers()
     cs = ConfigStore.instance()
     # Kept out of the user-facing groups, so `engine=` lists only real engines: each YAML pulls its
     # schema in with `- /schema/<group>/<name>@_here_`.
@@ -24,4 +28,5 @@ def register_schemas() -> None:
     cs.store(group="schema/model", name="model", node=ModelConfig)
     cs.store(group="schema/low_bit", name="low_bit", node=LowBitConfig)
     cs.store(group="schema/device", name="device", node=DeviceConfig)
-    cs.store(group="schema/benchmark", name="benchmark", node=BenchmarkConfig)
+    for phase, schema in BENCHMARK_SCHEMAS.items():
+        cs.store(group="schema/benchmark", name=phase, node=schema)

@@ -19,9 +19,6 @@ from llmstack.config.resolve import load_low_bit
 from llmstack.config.schema import RunConfig
 from llmstack.errors import ConfigError
 
-BENCHMARK_CHOICES = ("none", "smoke", "online")
-ENDPOINT_CHOICES = ("completions", "chat")
-
 
 def validate(run: RunConfig, config_dir: Path, *, host_checks: bool = True) -> None:
     for error in config_problems(run, config_dir):
@@ -52,6 +49,7 @@ def config_problems(run: RunConfig, config_dir: Path) -> Iterator[ConfigError]:
             valid_low_bits(run, config_dir),
         )
     yield from _parallelism_problems(run)
+    yield from _memory_problems(run, config_dir)
     yield from _benchmark_problems(run)
 
 
@@ -79,7 +77,9 @@ def host_problems(run: RunConfig) -> Iterator[ConfigError]:
             hint="Point model.path at a local model directory, or set LLMSTACK_MODELS to the folder holding "
             "the checked-in models' directories (model=tiny needs no files).",
         )
-    if e.port != 0 and not port_is_free(e.host, e.port):
+    yield from _benchmark_host_problems(run)
+    # A phase without a server (offline_throughput) binds no port.
+    if e.port != 0 and _needs_server(run) and not port_is_free(e.host, e.port):
         yield ConfigError(
             "engine.port",
             e.port,
@@ -122,6 +122,18 @@ def module_available(python: str, module: str) -> bool:
         return False
 
 
+def _needs_server(run: RunConfig) -> bool:
+    from llmstack.bench.phase import needs_server
+
+    return needs_server(run.benchmark.phase)
+
+
+def _benchmark_host_problems(run: RunConfig) -> Iterator[ConfigError]:
+    from llmstack.config.benchmark_rules import benchmark_host_problems
+
+    yield from benchmark_host_problems(run)
+
+
 def _is_executable(path: str | None) -> bool:
     return bool(path) and os.path.isfile(str(path)) and os.access(str(path), os.X_OK)
 
@@ -137,11 +149,12 @@ def _range_problems(run: RunConfig) -> Iterator[ConfigError]:
         yield ConfigError("engine.port", e.port, "is not a TCP port (0-65535; 0 picks a free one).")
     if not e.host:
         yield ConfigError("engine.host", e.host, "is empty.", hint="Use 127.0.0.1, or 0.0.0.0 to publish.")
+    # Not every engine has every knob (engine=lightweight has no parallelism or vLLM scheduler sizes).
     positive = {
-        "engine.tensor_parallel_size": e.tensor_parallel_size,
-        "engine.pipeline_parallel_size": e.pipeline_parallel_size,
-        "engine.max_num_seqs": e.max_num_seqs,
-        "engine.max_num_batched_tokens": e.max_num_batched_tokens,
+        "engine.tensor_parallel_size": getattr(e, "tensor_parallel_size", 1),
+        "engine.pipeline_parallel_size": getattr(e, "pipeline_parallel_size", 1),
+        "engine.max_num_seqs": getattr(e, "max_num_seqs", None),
+        "engine.max_num_batched_tokens": getattr(e, "max_num_batched_tokens", None),
         "engine.max_model_len": e.max_model_len,
         "engine.cpu_kvcache_space_gib": getattr(e, "cpu_kvcache_space_gib", 1),
         "model.max_model_len": run.model.max_model_len,
@@ -162,6 +175,8 @@ def _range_problems(run: RunConfig) -> Iterator[ConfigError]:
 
 def _parallelism_problems(run: RunConfig) -> Iterator[ConfigError]:
     e = run.engine
+    if not hasattr(e, "tensor_parallel_size"):  # a single-device engine (engine=lightweight)
+        return
     wanted = e.tensor_parallel_size * e.pipeline_parallel_size
     available = run.device.count
     if run.device.ids is not None:
@@ -177,31 +192,21 @@ def _parallelism_problems(run: RunConfig) -> Iterator[ConfigError]:
         )
 
 
+def _memory_problems(run: RunConfig, config_dir: Path) -> Iterator[ConfigError]:
+    """Weights + KV cache against the device's memory (llmstack/config/memory.py), when it is known."""
+    if run.device.memory_gib is None:
+        return
+    if run.engine.name != "vllm":  # the estimate models vLLM's memory layout (gpu_memory_utilization, blocks)
+        return
+    from llmstack.config.memory import fit_problems
+
+    yield from fit_problems(
+        run, lambda: [load_low_bit(config_dir, name) for name in valid_low_bits(run, config_dir)]
+    )
+
+
 def _benchmark_problems(run: RunConfig) -> Iterator[ConfigError]:
-    b = run.benchmark
-    if b.name not in BENCHMARK_CHOICES:
-        yield ConfigError("benchmark.name", b.name, "is not a benchmark phase.", BENCHMARK_CHOICES)
-        return
-    if b.name == "none":
-        return
-    if b.endpoint not in ENDPOINT_CHOICES:
-        yield ConfigError("benchmark.endpoint", b.endpoint, "is not an endpoint.", ENDPOINT_CHOICES)
-    if not b.concurrency:
-        yield ConfigError("benchmark.concurrency", b.concurrency, "needs at least one load level.")
-    for level in b.concurrency:
-        if level < 1:
-            yield ConfigError("benchmark.concurrency", level, "must be at least 1.")
-    for key in ("num_prompts", "input_len", "output_len"):
-        if getattr(b, key) < 1:
-            yield ConfigError(f"benchmark.{key}", getattr(b, key), "must be at least 1.")
-    if b.warmup_requests < 0:
-        yield ConfigError("benchmark.warmup_requests", b.warmup_requests, "must be 0 or more.")
-    context = run.engine.max_model_len
-    if context is not None and b.input_len + b.output_len > context:
-        yield ConfigError(
-            "benchmark.input_len",
-            b.input_len,
-            f"input_len + output_len = {b.input_len + b.output_len} exceeds the served context "
-            f"engine.max_model_len={context}.",
-            hint="Shorten the benchmark's lengths or raise engine.max_model_len.",
-        )
+    # One rule per knob of each phase's schema; they live beside each other in benchmark_rules.py.
+    from llmstack.config.benchmark_rules import benchmark_problems
+
+    yield from benchmark_problems(run)

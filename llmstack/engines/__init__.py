@@ -18,6 +18,7 @@ def get_engine(name: str) -> Engine:
 
 
 def _registry() -> dict[str, Engine]:
+    from llmstack.engines.lightweight import LightweightEngine
     from llmstack.engines.vllm import VllmEngine
 
-    return {"vllm": VllmEngine()}
+    return {"vllm": VllmEngine(), "lightweight": LightweightEngine()}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import asdict, dataclass, field
 
-SECRET_ENV_KEYS = ("VLLM_API_KEY", "OPENAI_API_KEY", "HF_TOKEN")
+SECRET_ENV_KEYS = ("VLLM_API_KEY", "OPENAI_API_KEY", "HF_TOKEN", "LLMSTACK_API_KEY")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ FLAVOUR_DEVICES = {"upstream": ("cpu", "cuda", "xpu"), "ipex": ("xpu",)}
 # start-vllm-service.sh: LOAD_IN_LOW_BIT defaults to fp8.
 IPEX_DEFAULT_LOW_BIT = "fp8"
 BLOCK_SIZES = (1, 8, 16, 32, 64, 128)
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 DEVICE_SELECTOR_ENV = {"cuda": "CUDA_VISIBLE_DEVICES", "xpu": "ZE_AFFINITY_MASK"}
 
 
@@ -76,6 +77,29 @@ class VllmEngine:
             errors.append(
                 ConfigError("engine.block_size", e.block_size, "is not a vLLM block size.", BLOCK_SIZES)
             )
+        if e.kv_cache_dtype is not None and e.kv_cache_dtype not in KV_CACHE_DTYPES:
+            errors.append(
+                ConfigError(
+                    "engine.kv_cache_dtype", e.kv_cache_dtype, "is not a KV cache dtype.", KV_CACHE_DTYPES
+                )
+            )
+        arch = run.model.arch
+        if (
+            e.flavour == "ipex"
+            and (e.kv_cache_dtype or "auto") != "auto"
+            and arch.num_attention_heads is not None
+            and (arch.num_key_value_heads or arch.num_attention_heads) == arch.num_attention_heads
+        ):
+            # ipex-llm's vLLM docs: "Currently, we only support FP8 KV Cache with GQA models".
+            errors.append(
+                ConfigError(
+                    "engine.kv_cache_dtype",
+                    e.kv_cache_dtype,
+                    f"ipex-llm's fork supports an fp8 KV cache only for grouped-query-attention models, and "
+                    f"model={run.model.name} has as many KV heads as attention heads.",
+                    ["auto"],
+                )
+            )
         if e.disable_async_output_proc and e.flavour == "upstream":
             errors.append(
                 ConfigError(
@@ -132,6 +156,7 @@ class VllmEngine:
         argv += _optional("--max-num-batched-tokens", e.max_num_batched_tokens)
         argv += _optional("--gpu-memory-utilization", e.gpu_memory_utilization)
         argv += _optional("--block-size", e.block_size)
+        argv += _optional("--kv-cache-dtype", e.kv_cache_dtype)
         argv += _optional("--distributed-executor-backend", e.distributed_executor_backend)
 
         dtype = e.dtype

@@ -30,6 +30,12 @@ class RunDir:
             return cls(candidate)
         raise FileExistsError(f"no free run directory named {base}* under {parent}")
 
+    @classmethod
+    def exact(cls, path: str | Path) -> RunDir:
+        """This directory, created if missing (grid jobs have fixed, resumable names)."""
+        Path(path).mkdir(parents=True, exist_ok=True)
+        return cls(Path(path))
+
     def file(self, name: str) -> Path:
         return self.path / name
 

@@ -1,0 +1,1 @@
+"""One module per benchmark phase; `llmstack.bench.phase` is their registry."""

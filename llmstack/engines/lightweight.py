@@ -1,0 +1,188 @@
+"""llmstack's lightweight worker: our own batched OpenAI-compatible server on transformers or ipex-llm.
+
+The worker is a separate program (`python -m llmstack.workers.lightweight`); this module only renders its
+command line (through `llmstack.workers.protocol.WorkerOptions`, which the worker parses) and checks that
+the backend can run the asked format on the asked device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+from llmstack.config.schema import LightweightEngineConfig, LowBitConfig, RunConfig
+from llmstack.engines.plan import LaunchPlan, ReadyProbe
+from llmstack.errors import ConfigError
+from llmstack.workers.protocol import (
+    API_KEY_ENV,
+    BACKEND_DEVICES,
+    BACKENDS,
+    DTYPES,
+    LIGHTWEIGHT_MODULE,
+    MODEL_IMPLS,
+    WorkerOptions,
+)
+
+# The transformers backend serves unquantized weights: low_bit picks the torch dtype.
+TRANSFORMERS_LOW_BITS = {"none": None, "fp16": "float16", "bf16": "bfloat16"}
+# ipex-llm's lightweight serving defaults to --low-bit sym_int4.
+IPEX_DEFAULT_LOW_BIT = "sym_int4"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DEVICE_SELECTOR_ENV = {"cuda": "CUDA_VISIBLE_DEVICES", "xpu": "ZE_AFFINITY_MASK"}
+# The checkout that holds this launcher: the worker runs from the same code, whatever the interpreter.
+SOURCE_ROOT = str(Path(__file__).resolve().parent.parent.parent)
+
+
+class LightweightEngine:
+    name = "lightweight"
+
+    def default_low_bit(self, engine_cfg: LightweightEngineConfig) -> str:
+        return IPEX_DEFAULT_LOW_BIT if engine_cfg.backend == "ipex_llm" else "none"
+
+    def resolve(self, run: RunConfig) -> LightweightEngineConfig:
+        e: LightweightEngineConfig = run.engine
+        return dataclasses.replace(
+            e,
+            python=e.python or sys.executable,
+            served_model_name=e.served_model_name or run.model.served_name,
+            max_model_len=e.max_model_len or run.model.max_model_len,
+            trust_remote_code=run.model.trust_remote_code
+            if e.trust_remote_code is None
+            else e.trust_remote_code,
+        )
+
+    def low_bit_problem(self, run: RunConfig, low_bit: LowBitConfig) -> str | None:
+        device = run.device.name
+        if run.engine.backend == "ipex_llm":
+            if low_bit.ipex is None:
+                return (
+                    "engine.backend=ipex_llm loads weights through ipex-llm's load_in_low_bit and needs one "
+                    "of its formats; engine.backend=transformers serves unconverted weights."
+                )
+            if device not in low_bit.ipex_devices:
+                where = ", ".join(low_bit.ipex_devices) or "no device"
+                reason = f"ipex-llm runs {low_bit.name} only on {where}"
+                return f"{reason} ({low_bit.note.rstrip('.')})." if low_bit.note else reason + "."
+            return None
+        if low_bit.name in TRANSFORMERS_LOW_BITS:
+            return None
+        if low_bit.ipex is not None:
+            where = ", ".join(low_bit.ipex_devices)
+            return f"an ipex-llm weight format: set engine.backend=ipex_llm (ipex-llm runs it on {where})."
+        return "the transformers backend serves unquantized weights only (none, fp16, bf16)."
+
+    def check(self, run: RunConfig) -> list[ConfigError]:
+        e: LightweightEngineConfig = run.engine
+        errors: list[ConfigError] = []
+        if e.backend not in BACKENDS:
+            return [
+                ConfigError("engine.backend", e.backend, "is not a lightweight-worker backend.", BACKENDS)
+            ]
+        devices = BACKEND_DEVICES[e.backend]
+        if run.device.name not in devices:
+            errors.append(
+                ConfigError(
+                    "device", run.device.name, f"the {e.backend} backend does not run there.", devices
+                )
+            )
+        if e.model_impl not in MODEL_IMPLS:
+            errors.append(
+                ConfigError("engine.model_impl", e.model_impl, "is not a model implementation.", MODEL_IMPLS)
+            )
+        elif e.backend == "ipex_llm" and e.model_impl in ("fused", "fast"):
+            errors.append(
+                ConfigError(
+                    "engine.model_impl",
+                    e.model_impl,
+                    "runs unquantized transformers models; ipex-llm's low-bit layers need the model's own "
+                    "forward.",
+                    ["auto", "generic"],
+                )
+            )
+        if e.dtype not in DTYPES:
+            errors.append(
+                ConfigError("engine.dtype", e.dtype, "is not a torch dtype the worker knows.", DTYPES)
+            )
+        wanted = TRANSFORMERS_LOW_BITS.get(run.low_bit.name) if e.backend == "transformers" else None
+        if wanted and e.dtype not in ("auto", wanted):
+            errors.append(
+                ConfigError(
+                    "engine.dtype",
+                    e.dtype,
+                    f"conflicts with low_bit={run.low_bit.name}, which serves {wanted}.",
+                    ["auto", wanted],
+                )
+            )
+        if e.max_batch_size < 1:
+            errors.append(ConfigError("engine.max_batch_size", e.max_batch_size, "must be at least 1."))
+        if e.max_waiting_requests < 0:
+            errors.append(
+                ConfigError("engine.max_waiting_requests", e.max_waiting_requests, "must be 0 or more.")
+            )
+        if e.torch_threads is not None and e.torch_threads < 1:
+            errors.append(
+                ConfigError("engine.torch_threads", e.torch_threads, "must be at least 1 (or null).")
+            )
+        if e.log_level not in LOG_LEVELS:
+            errors.append(ConfigError("engine.log_level", e.log_level, "is not a log level.", LOG_LEVELS))
+        return errors
+
+    def required_module(self, run: RunConfig) -> str:
+        return "ipex_llm" if run.engine.backend == "ipex_llm" else "transformers"
+
+    def worker_options(self, run: RunConfig) -> WorkerOptions:
+        e: LightweightEngineConfig = run.engine
+        ipex = e.backend == "ipex_llm"
+        dtype = e.dtype
+        if not ipex:
+            dtype = TRANSFORMERS_LOW_BITS.get(run.low_bit.name) or dtype
+        return WorkerOptions(
+            model=str(run.model.path),
+            served_model_name=str(e.served_model_name),
+            tokenizer=run.model.tokenizer,
+            host=e.host,
+            port=e.port,
+            backend=e.backend,
+            device=run.device.name,
+            dtype=dtype,
+            low_bit=run.low_bit.ipex if ipex else None,
+            model_impl=e.model_impl,
+            max_batch_size=e.max_batch_size,
+            max_waiting_requests=e.max_waiting_requests,
+            max_model_len=e.max_model_len,
+            trust_remote_code=bool(e.trust_remote_code),
+            torch_threads=e.torch_threads,
+            log_level=e.log_level,
+        )
+
+    def plan(self, run: RunConfig) -> LaunchPlan:
+        e: LightweightEngineConfig = run.engine
+        argv = [str(e.python), "-m", LIGHTWEIGHT_MODULE, *self.worker_options(run).to_argv(), *e.extra_args]
+        # The worker's code comes from this checkout, so its flags always match the ones rendered here.
+        env: dict[str, str] = {"PYTHONPATH": SOURCE_ROOT}
+        selector = DEVICE_SELECTOR_ENV.get(run.device.name)
+        if selector and run.device.ids is not None:
+            env[selector] = ",".join(str(i) for i in run.device.ids)
+        if e.api_key:
+            # Through the environment, so the key does not show in `ps`.
+            env[API_KEY_ENV] = e.api_key
+        env.update(run.device.env)
+        env.update(e.extra_env)
+
+        probe_host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(e.host, e.host)
+        if ":" in probe_host:
+            probe_host = f"[{probe_host}]"
+        probe = ReadyProbe(
+            base_url=f"http://{probe_host}:{e.port}",
+            served_name=str(e.served_model_name),
+            api_key=e.api_key,
+            timeout_s=e.startup_timeout_s,
+        )
+        return LaunchPlan(
+            engine=f"lightweight-{e.backend}",
+            argv=tuple(argv),
+            env=env,
+            probe=probe,
+            shutdown_grace_s=e.shutdown_grace_s,
+        )

@@ -1,0 +1,158 @@
+"""Grids (`python -m llmstack -m ...`): one job per point, named by its overrides, resumable, failure-safe.
+
+Each job runs in results/<experiment_name>/<its overrides>/. A job whose summary.json says "ok" is skipped
+(resume for free; `rerun=true` forces it). A job that fails (invalid combination, engine crash, benchmark
+error) writes failure.json there and the grid goes on. At the end, GridCallback writes the experiment's
+summary table and plots, and the grid's exit status is the number of jobs that failed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from llmstack.errors import EngineError, LlmstackError
+from llmstack.results.rundir import RunDir
+
+logger = logging.getLogger(__name__)
+
+# Keys that do not change what a job measures, so they stay out of its directory name.
+NOT_IDENTITY = frozenset({"experiment_name", "results_dir", "rerun", "dry_run", "show_engine_log"})
+_UNSAFE = re.compile(r"[^A-Za-z0-9._,=+\-\[\]]")
+_MAX_NAME = 160
+
+# Set by GridCallback when a sweep ends; read by the CLI for its exit status.
+last_sweep_failures: int | None = None
+
+
+@dataclass(frozen=True)
+class GridJob:
+    name: str
+    overrides: list[str]
+    index: int
+
+
+def current_job() -> GridJob | None:
+    """The grid job this process is running, or None outside a multirun."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+    except ImportError:
+        return None
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    overrides = list(hydra_cfg.overrides.task)
+    return GridJob(name=job_dir_name(overrides), overrides=overrides, index=int(hydra_cfg.job.num))
+
+
+def job_dir_name(overrides: list[str]) -> str:
+    """A stable, filesystem-safe directory name from a job's overrides (identity keys only).
+
+    Group choices (`low_bit=bf16`) come first, then keys (`engine.max_num_seqs=8`), each sorted, so that a
+    name cut short (with a hash to stay unique) still shows what matters most.
+    """
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in NOT_IDENTITY]
+    kept.sort(key=lambda o: ("." in o.split("=", 1)[0], o.lstrip("+~")))
+    name = _UNSAFE.sub("_", ",".join(kept)) or "default"
+    if len(name) > _MAX_NAME:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:12]
+        name = f"{name[: _MAX_NAME - 13]}-{digest}"
+    return name
+
+
+def job_is_done(job_dir: Path) -> bool:
+    try:
+        return json.loads((job_dir / "summary.json").read_text()).get("status") == "ok"
+    except (OSError, ValueError):
+        return False
+
+
+def run_grid_job(cfg: DictConfig, config_dir: Path, job: GridJob) -> dict[str, Any]:
+    """Run one job; never raises for a failed job (the grid must go on), only for Ctrl-C."""
+    from llmstack.run import Session, prepare
+
+    job_dir = Path(str(cfg.results_dir)) / str(cfg.experiment_name) / job.name
+    if job_is_done(job_dir) and not cfg.get("rerun", False):
+        logger.info("job %d %s: done before, skipped (rerun=true runs it again)", job.index, job.name)
+        return {"status": "skipped", "run_dir": str(job_dir)}
+    if job_dir.exists():
+        shutil.rmtree(job_dir)  # a failed or forced job starts clean
+    logger.info("job %d: %s", job.index, job.name)
+    phase = "validate"
+    session: Session | None = None
+    try:
+        run, plan = prepare(cfg, config_dir)
+        if run.dry_run:
+            return {"status": "dry_run"}
+        session = Session(run, plan, rundir=RunDir.exact(job_dir))
+        phase = "run"
+        return session.execute()
+    except LlmstackError as exc:
+        if session is not None:
+            phase = str(session.summary.get("phase", phase))
+        write_failure(job_dir, job, phase, exc)
+        logger.error("job %d failed in %s: %s", job.index, phase, str(exc).splitlines()[0])
+        return {"status": "failed", "phase": phase, "error": str(exc)}
+
+
+def write_failure(job_dir: Path, job: GridJob, phase: str, exc: LlmstackError) -> None:
+    rundir = RunDir.exact(job_dir)
+    rundir.write_json(
+        "failure.json",
+        {
+            "job": job.name,
+            "overrides": job.overrides,
+            "phase": phase,
+            "error_type": type(exc).__name__,
+            "error": str(exc).split("\nLast lines of the engine log:")[0],
+            "exit_code": exc.exit_code,
+            "log_tail": exc.log_tail if isinstance(exc, EngineError) else [],
+            "failed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    )
+
+
+class GridCallback:
+    """Hydra callback: the experiment's summary table and plots when a sweep ends, and its failure count."""
+
+    def __init__(self, **_: Any) -> None:
+        self._started = 0.0
+
+    # Hydra calls every hook of a callback; only the multirun ones matter here.
+    def on_run_start(self, config: DictConfig, **_: Any) -> None: ...
+    def on_run_end(self, config: DictConfig, **_: Any) -> None: ...
+    def on_job_start(self, config: DictConfig, **_: Any) -> None: ...
+    def on_job_end(self, config: DictConfig, job_return: Any, **_: Any) -> None: ...
+
+    def on_multirun_start(self, config: DictConfig, **_: Any) -> None:
+        global last_sweep_failures
+        last_sweep_failures = 0
+        self._started = time.time()
+
+    def on_multirun_end(self, config: DictConfig, **_: Any) -> None:
+        global last_sweep_failures
+        experiment_dir = Path(str(config.results_dir)) / str(config.experiment_name)
+        failures = [
+            p for p in experiment_dir.glob("*/failure.json") if p.stat().st_mtime >= self._started - 1
+        ]
+        last_sweep_failures = len(failures)
+        from llmstack.report import build_report
+
+        try:
+            written = build_report(experiment_dir)
+        except Exception:  # the report must never hide the grid's own outcome
+            logger.exception("could not build the report of %s", experiment_dir)
+            return
+        logger.info("grid done: %d failed; summary in %s", len(failures), ", ".join(str(p) for p in written))

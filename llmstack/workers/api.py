@@ -1,0 +1,580 @@
+"""The HTTP API of our workers: OpenAI-compatible routes, ipex-llm's /generate routes, health and metrics.
+
+    GET  /health                 200 while the scheduler thread runs
+    GET  /v1/models              the served name
+    GET  /metrics                Prometheus text
+    GET  /info                   backend, device, dtype, low-bit format, module types of the loaded model
+    POST /v1/completions         OpenAI completions (stream or not)
+    POST /v1/chat/completions    OpenAI chat completions, prompt built by the model's own chat template
+    POST /generate               ipex-llm: [request_id, text] (stream=true: as /generate_stream)
+    POST /generate_stream        ipex-llm: SSE in ipex-llm's chunk shape, with a true finish_reason
+
+Errors are OpenAI-style bodies, {"error": {"message", "type", "param", "code"}}, with a 4xx status for
+anything the client got wrong; the server keeps serving. Streams end with `data: [DONE]` (OpenAI routes)
+and carry `usage` when `stream_options.include_usage` asks for it.
+
+Chunks are rendered from pre-built JSON fragments: per token only the text is JSON-escaped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict
+from json.encoder import encode_basestring_ascii as json_string  # type: ignore[attr-defined]
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llmstack.workers.api_models import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerateRequest,
+    SamplingFields,
+    TgiParameters,
+)
+from llmstack.workers.backends.base import BackendInfo
+from llmstack.workers.metrics import CONTENT_TYPE, WorkerMetrics
+from llmstack.workers.sampling import SamplingParams
+from llmstack.workers.scheduler import GenerationRequest, Overloaded, Scheduler, Update
+from llmstack.workers.streams import EventStreamResponse, RequestStream
+
+logger = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.kind = kind
+        self.param = param
+        self.code = code if code is not None else status
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    kind: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | int | None = None,
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code if code else status}}
+    return JSONResponse(body, status_code=status)
+
+
+class Worker:
+    """Everything the routes need: the scheduler, the tokenizer and the served model's facts."""
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        tokenizer: Any,
+        *,
+        served_name: str,
+        model_path: str,
+        max_model_len: int,
+        info: BackendInfo,
+        metrics: WorkerMetrics,
+        api_key: str | None,
+    ) -> None:
+        self.scheduler = scheduler
+        self.tokenizer = tokenizer
+        self.served_name = served_name
+        self.model_path = model_path
+        self.max_model_len = max_model_len
+        self.info = info
+        self.metrics = metrics
+        self.api_key = api_key
+        self.created = int(time.time())
+        self._model_json = json_string(served_name)
+
+    # -- request handling --------------------------------------------------------------------------------
+    def check_auth(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        if request.headers.get("authorization", "") != f"Bearer {self.api_key}":
+            raise ApiError(
+                401, "Invalid or missing API key (Authorization: Bearer <key>).", code="invalid_api_key"
+            )
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.served_name:
+            raise ApiError(
+                404,
+                f"The model `{model}` does not exist; this server serves `{self.served_name}`.",
+                kind="not_found_error",
+                param="model",
+                code="model_not_found",
+            )
+
+    def encode_prompt(self, prompt: str | list[int] | list[str] | list[list[int]]) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        if prompt and all(isinstance(p, int) for p in prompt):
+            return list(prompt)  # type: ignore[arg-type]
+        if len(prompt) == 1:
+            return self.encode_prompt(prompt[0])
+        raise ApiError(
+            400,
+            "Exactly one prompt per request is supported (a string or a list of token ids).",
+            param="prompt",
+        )
+
+    def encode_chat(self, req: ChatCompletionRequest) -> list[int]:
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise ApiError(400, "The model has no chat template; use /v1/completions.", param="messages")
+        messages = []
+        for message in req.messages:
+            content = message.content
+            if isinstance(content, list):
+                texts = []
+                for part in content:
+                    if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                        raise ApiError(
+                            400,
+                            f"Only text content parts are supported, not {part.get('type')!r}.",
+                            param="messages",
+                        )
+                    texts.append(part["text"])
+                content = "".join(texts)
+            entry = message.model_dump(exclude_none=True)
+            entry["content"] = content or ""
+            messages.append(entry)
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages,
+                tokenize=False,
+                add_generation_prompt=req.add_generation_prompt,
+                **(req.chat_template_kwargs or {}),
+            )
+        except Exception as exc:  # the template rejects the conversation (e.g. roles out of order)
+            raise ApiError(
+                400, f"The chat template failed on these messages: {exc}", param="messages"
+            ) from exc
+        # The template writes the special tokens (BOS) itself.
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def sampling_params(
+        self, fields: SamplingFields, prompt_len: int, max_tokens: int | None
+    ) -> SamplingParams:
+        if fields.n != 1:
+            raise ApiError(400, "n > 1 is not supported: send n requests.", param="n")
+        if fields.logprobs not in (None, False, 0):
+            raise ApiError(400, "logprobs are not supported.", param="logprobs")
+        if prompt_len == 0:
+            raise ApiError(400, "The prompt is empty.", param="prompt")
+        room = self.max_model_len - prompt_len
+        if room < 1:
+            raise ApiError(
+                400,
+                f"This model's maximum context length is {self.max_model_len} tokens, and the "
+                f"prompt alone has {prompt_len}.",
+                param="prompt",
+            )
+        if max_tokens is None:
+            max_tokens = room
+        if max_tokens < 1:
+            raise ApiError(400, "max_tokens must be at least 1.", param="max_tokens")
+        if max_tokens > room:
+            raise ApiError(
+                400,
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} in the "
+                "completion). "
+                "Please reduce the length of the prompt or completion.",
+                param="max_tokens",
+            )
+        if fields.min_tokens > max_tokens:
+            raise ApiError(
+                400,
+                f"min_tokens ({fields.min_tokens}) exceeds max_tokens ({max_tokens}).",
+                param="min_tokens",
+            )
+        stop = (fields.stop,) if isinstance(fields.stop, str) else tuple(fields.stop or ())
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if fields.temperature is None else fields.temperature,
+            top_p=1.0 if fields.top_p is None else fields.top_p,
+            top_k=fields.top_k or 0,
+            seed=fields.seed,
+            min_tokens=fields.min_tokens,
+            ignore_eos=fields.ignore_eos,
+            stop=tuple(s for s in stop if s),
+            stop_token_ids=tuple(fields.stop_token_ids or ()),
+            repetition_penalty=fields.repetition_penalty,
+            presence_penalty=fields.presence_penalty,
+            frequency_penalty=fields.frequency_penalty,
+            skip_special_tokens=fields.skip_special_tokens,
+        )
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, prefix: str) -> tuple[str, RequestStream]:
+        request_id = f"{prefix}-{os.urandom(12).hex()}"
+        stream = RequestStream(asyncio.get_running_loop())
+        try:
+            self.scheduler.submit(GenerationRequest(request_id, prompt_ids, params, stream.put))
+        except Overloaded as exc:
+            raise ApiError(
+                503, f"The server is overloaded: {exc}.", kind="server_error", code="overloaded"
+            ) from exc
+        return request_id, stream
+
+    async def collect(self, request_id: str, stream: RequestStream) -> tuple[str, Update, list[int]]:
+        """Wait for the whole output: (text, final update, generated token ids)."""
+        parts: list[str] = []
+        ids: list[int] = []
+        try:
+            while True:
+                for update in await stream.next_batch():
+                    parts.append(update.text)
+                    if update.token_id >= 0:
+                        ids.append(update.token_id)
+                    if update.finish_reason is not None:
+                        if update.error:
+                            raise ApiError(500, update.error, kind="server_error")
+                        return "".join(parts), update, ids
+        finally:
+            if not stream.finished:
+                self.scheduler.abort(request_id)
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+
+
+# -- streaming renderers -----------------------------------------------------------------------------------
+def _usage_json(prompt_tokens: int, completion_tokens: int) -> str:
+    return (
+        f'{{"prompt_tokens":{prompt_tokens},"completion_tokens":{completion_tokens},'
+        f'"total_tokens":{prompt_tokens + completion_tokens}}}'
+    )
+
+
+def _reason_json(update: Update) -> tuple[str, str]:
+    finish = "null" if update.finish_reason is None else f'"{update.finish_reason}"'
+    stop = update.stop_reason
+    stop_json = "null" if stop is None else (json_string(stop) if isinstance(stop, str) else str(stop))
+    return finish, stop_json
+
+
+async def openai_chunks(
+    worker: Worker,
+    request_id: str,
+    stream: RequestStream,
+    *,
+    chat: bool,
+    prompt_tokens: int,
+    include_usage: bool,
+    continuous_usage: bool,
+    token_ids: bool = False,
+) -> AsyncIterator[str]:
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    created = int(time.time())
+    head = (
+        f'data: {{"id":"{request_id}","object":"{obj}","created":{created},'
+        f'"model":{worker._model_json},"choices":[{{"index":0,'
+    )
+    text_key = '"delta":{"content":' if chat else '"text":'
+    text_end = "}" if chat else ""
+    pending_ids: list[int] = []  # tokens not yet reported in a chunk (return_token_ids)
+    completion_tokens = 0
+
+    def chunk(text: str, finish: str, stop: str | None) -> str:
+        extra = ""
+        if token_ids:
+            extra = f',"token_ids":[{",".join(map(str, pending_ids))}]'
+            pending_ids.clear()
+        if stop is not None:
+            extra += f',"stop_reason":{stop}'
+        usage = f',"usage":{_usage_json(prompt_tokens, completion_tokens)}' if continuous_usage else ""
+        return (
+            f'{head}{text_key}{json_string(text)}{text_end},"logprobs":null,"finish_reason":{finish}{extra}}}]'
+            f"{usage}}}\n\n"
+        )
+
+    try:
+        if chat:
+            # OpenAI's first chunk names the role; it carries no generated text.
+            yield (
+                head + '"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}\n\n'
+            )
+        while True:
+            updates = await stream.next_batch()
+            if not updates:  # the client went away
+                return
+            parts = []
+            for update in updates:
+                completion_tokens = update.completion_tokens
+                if token_ids and update.token_id >= 0:
+                    pending_ids.append(update.token_id)
+                if update.finish_reason is None:
+                    if update.text:
+                        parts.append(chunk(update.text, "null", None))
+                    continue
+                if update.error:
+                    error = {"message": update.error, "type": "server_error", "param": None, "code": 500}
+                    parts.append(f"data: {json.dumps({'error': error})}\n\n")
+                else:
+                    finish, stop = _reason_json(update)
+                    parts.append(chunk(update.text, finish, stop))
+                    if include_usage:
+                        parts.append(
+                            f'data: {{"id":"{request_id}","object":"{obj}","created":{created},'
+                            f'"model":{worker._model_json},"choices":[],'
+                            f'"usage":{_usage_json(prompt_tokens, completion_tokens)}}}\n\n'
+                        )
+                parts.append("data: [DONE]\n\n")
+                yield "".join(parts)
+                return
+            if parts:
+                yield "".join(parts)
+    finally:
+        if not stream.finished:
+            worker.scheduler.abort(request_id)
+
+
+async def ipex_chunks(
+    worker: Worker, request_id: str, stream: RequestStream, *, chat: bool
+) -> AsyncIterator[str]:
+    """ipex-llm's /generate_stream shape: no object/created, `index` counts chunks, no [DONE]."""
+    head = f'data: {{"id":"{request_id}","model":{worker._model_json},"choices":[{{"index":'
+    index = 0
+    try:
+        while True:
+            updates = await stream.next_batch()
+            if not updates:
+                return
+            parts = []
+            for update in updates:
+                if update.text:
+                    text = json_string(update.text)
+                    body = f'"delta":{{"role":"assistant","content":{text}}}' if chat else f'"text":{text}'
+                    parts.append(f'{head}{index},{body},"logprobs":null,"finish_reason":null}}]}}\n\n')
+                    index += 1
+                if update.finish_reason is not None:
+                    end = '"delta":{"role":"assistant","content":null}' if chat else '"text":""'
+                    reason = "error" if update.error else update.finish_reason
+                    parts.append(f'{head}{index},{end},"logprobs":null,"finish_reason":"{reason}"}}]}}\n\n')
+                    yield "".join(parts)
+                    return
+            if parts:
+                yield "".join(parts)
+    finally:
+        if not stream.finished:
+            worker.scheduler.abort(request_id)
+
+
+# -- the app -----------------------------------------------------------------------------------------------
+def build_app(
+    worker: Worker,
+    on_startup: Callable[[], None] | None = None,
+    on_shutdown: Callable[[], None] | None = None,
+) -> FastAPI:
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        worker.scheduler.start(asyncio.get_running_loop())
+        if on_startup:
+            on_startup()
+        try:
+            yield
+        finally:
+            worker.scheduler.stop()
+            if on_shutdown:
+                on_shutdown()
+
+    app = FastAPI(title="llmstack lightweight worker", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.message, kind=exc.kind, param=exc.param, code=exc.code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(exc.status_code, str(exc.detail), kind=kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(400, _validation_message(exc.errors()))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error in %s %s", request.method, request.url.path)
+        return error_response(500, f"Internal error: {type(exc).__name__}: {exc}", kind="server_error")
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not worker.scheduler.alive():
+            return error_response(503, "The scheduler thread is not running.", kind="server_error")
+        return Response(status_code=200)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        worker.check_auth(request)
+        card = {
+            "id": worker.served_name,
+            "object": "model",
+            "created": worker.created,
+            "owned_by": "llmstack",
+            "root": worker.model_path,
+            "parent": None,
+            "max_model_len": worker.max_model_len,
+        }
+        return JSONResponse({"object": "list", "data": [card]})
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(worker.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/info")
+    async def info(request: Request) -> JSONResponse:
+        worker.check_auth(request)
+        data = asdict(worker.info)
+        data.update(
+            served_model_name=worker.served_name,
+            max_model_len=worker.max_model_len,
+            max_batch_size=worker.scheduler.max_batch_size,
+            scheduler=worker.scheduler.snapshot(),
+        )
+        return JSONResponse(data)
+
+    async def respond(
+        fields: SamplingFields, prompt_ids: list[int], max_tokens: int | None, chat: bool
+    ) -> Response:
+        params = worker.sampling_params(fields, len(prompt_ids), max_tokens)
+        request_id, stream = worker.submit(prompt_ids, params, "chatcmpl" if chat else "cmpl")
+        if fields.stream:
+            options = fields.stream_options
+            chunks = openai_chunks(
+                worker,
+                request_id,
+                stream,
+                chat=chat,
+                prompt_tokens=len(prompt_ids),
+                include_usage=bool(options and options.include_usage),
+                continuous_usage=bool(options and options.continuous_usage_stats),
+                token_ids=fields.return_token_ids,
+            )
+            return EventStreamResponse(chunks, stream.close)
+        text, final, output_ids = await worker.collect(request_id, stream)
+        choice: dict[str, Any] = {"index": 0}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        choice.update(logprobs=None, finish_reason=final.finish_reason, stop_reason=final.stop_reason)
+        body: dict[str, Any] = {
+            "id": request_id,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": worker.served_name,
+            "choices": [choice],
+            "usage": worker.usage(len(prompt_ids), final.completion_tokens),
+        }
+        if fields.return_token_ids:  # vLLM's extension
+            choice["token_ids"] = output_ids
+            (body if chat else choice)["prompt_token_ids"] = prompt_ids
+        return JSONResponse(body)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        worker.check_auth(request)
+        req = _parse(CompletionRequest, await request.body())
+        worker.check_model(req.model)
+        for field, bad in (("echo", req.echo), ("suffix", req.suffix), ("best_of", (req.best_of or 1) > 1)):
+            if bad:
+                raise ApiError(400, f"{field} is not supported.", param=field)
+        return await respond(req, worker.encode_prompt(req.prompt), req.max_tokens, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        worker.check_auth(request)
+        req = _parse(ChatCompletionRequest, await request.body())
+        worker.check_model(req.model)
+        if req.top_logprobs:
+            raise ApiError(400, "logprobs are not supported.", param="top_logprobs")
+        limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        return await respond(req, worker.encode_chat(req), limit, chat=True)
+
+    async def generate_common(request: Request, force_stream: bool) -> Response:
+        worker.check_auth(request)
+        req = _parse(GenerateRequest, await request.body())
+        p = req.parameters
+        if p is None:
+            p = TgiParameters()
+        if p.typical_p not in (None, 1.0):
+            raise ApiError(400, "typical_p is not supported.", param="parameters.typical_p")
+        prompt_ids = worker.encode_prompt(req.inputs)
+        # ipex-llm's semantics: greedy unless do_sample; its OpenAI routes set do_sample = temperature > 1e-4.
+        sampled = p.do_sample if p.do_sample is not None else (p.temperature or 0.0) > 1e-4
+        fields = SamplingFields(
+            temperature=(p.temperature if p.temperature is not None else 1.0) if sampled else 0.0,
+            top_p=p.top_p,
+            top_k=p.top_k,
+            seed=p.seed,
+            stop=p.stop,
+            ignore_eos=p.ignore_eos,
+            min_tokens=p.min_new_tokens or 0,
+            repetition_penalty=p.repetition_penalty or 1.0,
+        )
+        params = worker.sampling_params(fields, len(prompt_ids), p.max_new_tokens)
+        prefix = "stream" if (force_stream or req.stream) else "gen"
+        request_id, stream = worker.submit(prompt_ids, params, prefix)
+        if force_stream or req.stream:
+            return EventStreamResponse(
+                ipex_chunks(worker, request_id, stream, chat=req.req_type == "chat"), stream.close
+            )
+        text, _, _ = await worker.collect(request_id, stream)
+        return JSONResponse([request_id, text])
+
+    @app.post("/generate")
+    async def generate(request: Request) -> Response:
+        return await generate_common(request, force_stream=False)
+
+    @app.post("/generate_stream")
+    async def generate_stream(request: Request) -> Response:
+        return await generate_common(request, force_stream=True)
+
+    return app
+
+
+def _parse(model: Any, body: bytes) -> Any:
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise ApiError(400, _validation_message(exc.errors())) from exc
+
+
+def _validation_message(errors: Any) -> str:
+    parts = []
+    for error in list(errors)[:3]:
+        location = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
+        if error.get("type") == "json_invalid":
+            parts.append(f"The body is not valid JSON: {error.get('msg', '')}")
+        elif location:
+            parts.append(f"{location}: {error.get('msg', 'invalid')}")
+        else:
+            parts.append(str(error.get("msg", "invalid request")))
+    return "; ".join(parts) or "Invalid request."

@@ -1,0 +1,226 @@
+"""Model backends behind one small contract (`base.Backend`), and the loader that picks one.
+
+transformers + fused    llmstack's decoder over the checkpoint's weights (Llama, Mistral, Qwen2)
+transformers + generic  the model's own forward() (any causal LM)
+ipex_llm (generic)      ipex-llm's low-bit model (load_in_low_bit), its own forward()
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from llmstack.workers.backends.base import Backend, BackendInfo
+from llmstack.workers.protocol import WorkerOptions
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+class BackendError(Exception):
+    """The model cannot be served as asked (printed as one line, exit status 2)."""
+
+
+@dataclass
+class LoadedModel:
+    backend: Backend
+    tokenizer: Any
+    # Token ids that end a sequence (generation_config's, the tokenizer's).
+    eos_token_ids: list[int]
+    max_model_len: int
+
+
+def load(options: WorkerOptions) -> LoadedModel:
+    import torch
+
+    if options.torch_threads is not None:
+        torch.set_num_threads(options.torch_threads)
+    device = _device(options.device)
+    started = time.perf_counter()
+    tokenizer = _load_tokenizer(options)
+    if options.backend == "ipex_llm":
+        model = _load_ipex_llm(options, device)
+    else:
+        model = _load_transformers(options, device)
+    model.eval()
+    cfg = model.config
+    max_model_len = options.max_model_len or int(getattr(cfg, "max_position_embeddings", 0) or 2048)
+    info = BackendInfo(
+        backend=options.backend,
+        model_impl="generic",
+        device=str(device),
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        low_bit=options.low_bit,
+        model_type=str(cfg.model_type),
+        module_types=_module_types(model),
+    )
+    if options.backend == "ipex_llm":
+        info.extra["qtypes"] = _ipex_qtypes(model)
+    backend = _make_backend(options, model, tokenizer, max_model_len, info)
+    eos = _eos_token_ids(model, tokenizer)
+    logger.info(
+        "loaded %s in %.1f s: backend %s (%s), %s on %s, max_batch_size %d, max_model_len %d, "
+        "KV cache %.1f MiB reserved, EOS ids %s",
+        options.model,
+        time.perf_counter() - started,
+        options.backend,
+        info.model_impl,
+        info.dtype,
+        info.device,
+        options.max_batch_size,
+        max_model_len,
+        info.kv_cache_bytes / 2**20,
+        eos,
+    )
+    return LoadedModel(backend, tokenizer, eos, max_model_len)
+
+
+def _make_backend(
+    options: WorkerOptions, model: Any, tokenizer: Any, max_model_len: int, info: BackendInfo
+) -> Backend:
+    from llmstack.workers.backends import fused
+    from llmstack.workers.backends.generic import GenericBackend
+
+    impl = options.model_impl
+    if options.backend == "ipex_llm":
+        if impl in ("fused", "fast"):
+            raise BackendError(
+                f"--model-impl {impl} runs unquantized transformers models; ipex_llm is generic"
+            )
+        impl = "generic"
+    if impl == "fast":
+        from llmstack.workers.backends import fast_llama
+
+        reason = fast_llama.unsupported_reason(model, max_model_len)
+        if reason is not None:
+            raise BackendError(f"--model-impl fast cannot run this model: {reason}")
+        info.model_impl = "fast"
+        return fast_llama.FastLlamaBackend(
+            model, max_batch_size=options.max_batch_size, max_model_len=max_model_len, info=info
+        )
+    if impl in ("auto", "fused"):
+        reason = fused.unsupported_reason(model, max_model_len)
+        if reason is None:
+            info.model_impl = "fused"
+            return fused.FusedDecoderBackend(
+                model, max_batch_size=options.max_batch_size, max_model_len=max_model_len, info=info
+            )
+        if impl == "fused":
+            raise BackendError(f"--model-impl fused cannot run this model: {reason}")
+        logger.info("model_impl auto: generic forward (%s)", reason)
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return GenericBackend(
+        model,
+        max_batch_size=options.max_batch_size,
+        max_model_len=max_model_len,
+        pad_token_id=int(pad),
+        info=info,
+    )
+
+
+def _device(name: str) -> Any:
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BackendError("device cuda: torch.cuda.is_available() is False in this interpreter")
+    if name == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise BackendError("device xpu: torch.xpu.is_available() is False in this interpreter")
+    return torch.device(name)
+
+
+def _torch_dtype(options: WorkerOptions, device: Any) -> Any:
+    import torch
+
+    if options.dtype != "auto":
+        return getattr(torch, _DTYPES[options.dtype])
+    return "auto"
+
+
+def _load_tokenizer(options: WorkerOptions) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(
+        options.tokenizer or options.model, trust_remote_code=options.trust_remote_code
+    )
+
+
+def _load_transformers(options: WorkerOptions, device: Any) -> Any:
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    dtype = _torch_dtype(options, device)
+    # transformers 5 renamed torch_dtype to dtype.
+    dtype_kwarg = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    model = AutoModelForCausalLM.from_pretrained(
+        options.model, trust_remote_code=options.trust_remote_code, **{dtype_kwarg: dtype}
+    )
+    return model.to(device)
+
+
+def _load_ipex_llm(options: WorkerOptions, device: Any) -> Any:
+    import torch
+
+    try:
+        from ipex_llm.transformers import AutoModelForCausalLM
+    except ImportError as exc:
+        raise BackendError(f"backend ipex_llm: cannot import ipex_llm in this interpreter ({exc})") from exc
+    if not options.low_bit:
+        raise BackendError("backend ipex_llm needs --low-bit (e.g. sym_int4)")
+    dtype = _torch_dtype(options, device)
+    if dtype == "auto":
+        # ipex-llm's lightweight serving runs float16 on Intel GPUs; its CPU kernels want float32 activations.
+        dtype = torch.float16 if device.type == "xpu" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(
+        options.model,
+        load_in_low_bit=options.low_bit,
+        torch_dtype=dtype,
+        optimize_model=True,
+        trust_remote_code=options.trust_remote_code,
+        use_cache=True,
+    )
+    return model.to(device)
+
+
+def _module_types(model: Any) -> dict[str, int]:
+    from llmstack.workers.backends.generic import count_module_types
+
+    return count_module_types(model)
+
+
+def _ipex_qtypes(model: Any) -> dict[str, int]:
+    """How many of ipex-llm's low-bit layers hold each format, e.g. {"sym_int4": 11}."""
+    from ipex_llm.ggml.quantize import ggml_tensor_qtype
+
+    names: dict[int, str] = {}
+    for name, code in ggml_tensor_qtype.items():
+        names.setdefault(code, name)  # fp8 and fp8_e5m2 share a code: keep the first spelling
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        qtype = getattr(module, "qtype", None)
+        if isinstance(qtype, int):
+            label = names.get(qtype, str(qtype))
+            counts[label] = counts.get(label, 0) + 1
+    return counts
+
+
+def _eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids: list[int] = []
+    generation = getattr(model, "generation_config", None)
+    configured = getattr(generation, "eos_token_id", None)
+    if configured is None:
+        configured = getattr(model.config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.append(configured)
+    elif configured:
+        ids.extend(int(i) for i in configured)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(int(tokenizer.eos_token_id))
+    return ids
+
+
+__all__ = ["Backend", "BackendError", "BackendInfo", "LoadedModel", "load"]

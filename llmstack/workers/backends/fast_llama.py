@@ -1,0 +1,439 @@
+"""A decoder for Llama-family checkpoints built for GPUs: batched prefill, CUDA-graph decode, slot KV cache.
+
+On a small model the GPU finishes a decode step's arithmetic long before Python has launched its few
+hundred kernels (HF `generate` on a 0.5B model is launch-bound at any batch size). This backend removes
+the launches from the decode step:
+
+  - the KV cache is one preallocated tensor, [2, layers, slots, kv_heads, cache_len, head_dim]; a live
+    sequence owns a slot, and live sequences occupy slots 0..n-1 (a released slot is refilled by moving
+    the last one: one copy), so a decode step's keys are a view of the cache, never a gather;
+  - a decode step reads its inputs (token, position and output order of each row) from one static device
+    buffer, filled by a single host-to-device copy, and runs as a replay of a CUDA graph captured at load
+    for each (batch bucket, attention width) pair: batch buckets 1, 2, 4, ... up to max_batch_size (rows
+    past the live ones are padding: token 0 at position 0 of a free slot), widths 128, 256, 512, ... up
+    to the cache length (keys past a row's position are masked), so the attention reads what the longest
+    row needs, rounded up;
+  - decode attention reads grouped-query heads without repeating K/V: the query heads that share a KV
+    head are laid out as that head's queries ([B, kv_heads, group, head_dim] against
+    [B, kv_heads, width, head_dim]) with an additive per-row length mask;
+  - prefill runs all admitted prompts as one right-padded batch (split by a token budget), with
+    causal SDPA, and writes each prompt's K/V into its slot with one slice copy per layer;
+  - while the GPU runs a step, the scheduler thread waits on a CUDA event, which releases the GIL, so
+    the event loop streams the previous step's tokens meanwhile.
+
+The arithmetic is transformers' Llama/Mistral/Qwen2 code operation for operation (RMSNorm in float32 then
+cast, rotary as q*cos + rotate_half(q)*sin with the model's own cos/sin table, SiLU-gated MLP), on the
+checkpoint's own weights, with Q/K/V and gate/up concatenated into one matmul each. Without CUDA (CPU,
+XPU) the same step functions run eagerly; `static_shapes=True` pads them to the buckets as on CUDA, which
+the CPU tests use to check the graph-shaped path.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+# This module is the GPU backend itself and is imported only when a model is loaded with it.
+import torch
+import torch.nn.functional as F
+
+from llmstack.workers.backends.base import BackendInfo
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# Rotary variants whose frequencies do not depend on the sequence length (a table is exact for them).
+_STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Attention widths are powers of two from this one, then the cache length.
+MIN_WIDTH = 128
+# Prompt tokens (padded) run by one prefill forward; more admitted prompts are split into several.
+DEFAULT_PREFILL_TOKENS = 16384
+
+
+@dataclass
+class _Layer:
+    ln1: torch.Tensor
+    ln1_eps: float
+    w_qkv: torch.Tensor
+    b_qkv: torch.Tensor | None
+    w_o: torch.Tensor
+    b_o: torch.Tensor | None
+    ln2: torch.Tensor
+    ln2_eps: float
+    w_gate_up: torch.Tensor
+    b_gate_up: torch.Tensor | None
+    w_down: torch.Tensor
+    b_down: torch.Tensor | None
+    act: Any
+
+
+def unsupported_reason(model: Any, max_model_len: int) -> str | None:
+    """Why this backend cannot run `model`, or None if it can."""
+    cfg = model.config
+    if cfg.model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model_type {cfg.model_type!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}"
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if inner is None or layers is None or not hasattr(inner, "rotary_emb"):
+        return "the model does not have the Llama module layout (model.layers, model.rotary_emb)"
+    rope_type = getattr(inner.rotary_emb, "rope_type", "default")
+    if rope_type not in _STATIC_ROPE_TYPES:
+        return f"rope_type {rope_type!r} depends on the sequence length"
+    window = getattr(cfg, "sliding_window", None)
+    uses_window = getattr(cfg, "use_sliding_window", cfg.model_type == "mistral")
+    if window and uses_window and max_model_len > window:
+        return f"sliding-window attention ({window}) is shorter than max_model_len ({max_model_len})"
+    for layer in layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        projections = ("q_proj", "k_proj", "v_proj")
+        if not all(isinstance(getattr(attn, n, None), torch.nn.Linear) for n in projections):
+            return "attention has no separate plain nn.Linear q/k/v projections (quantized?)"
+        if not isinstance(getattr(attn, "o_proj", None), torch.nn.Linear):
+            return "attention has no plain nn.Linear o_proj"
+        if any(getattr(attn, n, None) is not None for n in ("q_norm", "k_norm")):
+            return "attention normalizes queries and keys (not implemented)"
+        if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            return "the MLP is not a gated (gate/up/down) MLP"
+    return None
+
+
+def batch_buckets(max_batch_size: int) -> list[int]:
+    """Batch sizes a decode step is padded to: powers of two below max_batch_size, then max_batch_size."""
+    return [b for b in BATCH_BUCKETS if b < max_batch_size] + [max_batch_size]
+
+
+def width_buckets(cache_len: int, min_width: int = MIN_WIDTH) -> list[int]:
+    """Attention widths a decode step is padded to: powers of two from `min_width`, then cache_len."""
+    widths = []
+    width = min_width
+    while width < cache_len:
+        widths.append(width)
+        width *= 2
+    return [*widths, cache_len]
+
+
+class FastLlamaBackend:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        max_batch_size: int,
+        max_model_len: int,
+        info: BackendInfo,
+        cuda_graphs: bool | None = None,
+        static_shapes: bool | None = None,
+        prefill_tokens: int = DEFAULT_PREFILL_TOKENS,
+        min_width: int = MIN_WIDTH,
+    ) -> None:
+        cfg = model.config
+        inner = model.model
+        embed = inner.embed_tokens.weight
+        self.device = embed.device
+        self.dtype = embed.dtype
+        self.max_batch_size = max_batch_size
+        self.max_model_len = max_model_len
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, not {self.device}")
+        # Graphs need the bucketed shapes; without them, exact shapes waste nothing.
+        self.static_shapes = self.cuda_graphs or bool(static_shapes)
+        self.prefill_tokens = prefill_tokens
+
+        attn0 = inner.layers[0].self_attn
+        self.num_heads = int(cfg.num_attention_heads)
+        self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.num_heads)
+        self.head_dim = int(attn0.head_dim)
+        self.groups = self.num_heads // self.num_kv_heads
+        self.scaling = float(getattr(attn0, "scaling", self.head_dim**-0.5))
+        self._qk_width = (self.num_heads + self.num_kv_heads) * self.head_dim
+        self.embed = embed.detach()
+        self.layers = [_fuse_layer(layer) for layer in inner.layers]
+        self.intermediate = int(self.layers[0].w_down.shape[1])
+        self.norm, self.norm_eps = inner.norm.weight.detach(), float(inner.norm.variance_epsilon)
+        head = model.lm_head
+        self.lm_head = head.weight.detach()
+        self.lm_head_bias = None if head.bias is None else head.bias.detach()
+        self.vocab_size = int(self.lm_head.shape[0])
+
+        # Multiples of 16 positions keep the attention views aligned for the fused SDPA kernels.
+        self.cache_len = -(-max_model_len // 16) * 16
+        self.batch_buckets = batch_buckets(max_batch_size)
+        self.width_buckets = width_buckets(self.cache_len, min_width)
+        with torch.inference_mode():
+            positions = torch.arange(self.cache_len, device=self.device).unsqueeze(0)
+            probe = torch.zeros(1, dtype=self.dtype, device=self.device)
+            cos, sin = inner.rotary_emb(probe, positions)
+        half = self.head_dim // 2
+        self._half = half
+        self.cos = cos[0].contiguous()
+        # rotate_half(x) * sin == roll(x, half) * sin_signed: one roll instead of two slices, neg and cat.
+        self.sin_signed = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1).contiguous()
+
+        # Zeros, not empty: a masked key must still hold a finite value (0 * NaN is NaN in the softmax sum).
+        shape = (2, len(self.layers), max_batch_size, self.num_kv_heads, self.cache_len, self.head_dim)
+        self.kv = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        info.kv_cache_bytes = self.kv.numel() * self.kv.element_size()
+        self._info = info
+        self._slot_of: dict[int, int] = {}
+        self._seq_in_slot: list[int | None] = [None] * max_batch_size
+        self._length = [0] * max_batch_size
+
+        # A decode step's inputs: row 0 tokens, row 1 positions (by slot), row 2 output order (slots).
+        self._io = torch.zeros((3, max_batch_size), dtype=torch.long, device=self.device)
+        pin = self.device.type == "cuda"
+        self._host_io = torch.zeros((3, max_batch_size), dtype=torch.long, pin_memory=pin)
+        self._rows = torch.arange(max_batch_size, device=self.device)
+        self._positions = torch.arange(self.cache_len, device=self.device)
+        self._step_done = torch.cuda.Event() if self.device.type == "cuda" else None
+
+        self._graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
+        capture_s = 0.0
+        if self.cuda_graphs:
+            capture_s = self._capture_graphs()
+        info.extra.update(
+            cuda_graphs=len(self._graphs),
+            graph_capture_s=round(capture_s, 2),
+            batch_buckets=self.batch_buckets,
+            width_buckets=self.width_buckets,
+        )
+
+    def info(self) -> BackendInfo:
+        return self._info
+
+    # -- the Backend contract ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, seq_ids: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        first = len(self._slot_of)
+        for offset, (seq_id, prompt) in enumerate(zip(seq_ids, prompts, strict=True)):
+            slot = first + offset
+            self._slot_of[seq_id] = slot
+            self._seq_in_slot[slot] = seq_id
+            self._length[slot] = len(prompt)
+        rows = []
+        start = 0
+        while start < len(prompts):
+            # The longest prompts set the padded width: take prompts while the padded batch fits the budget.
+            end = start + 1
+            width = len(prompts[start])
+            while end < len(prompts):
+                wider = max(width, len(prompts[end]))
+                if wider * (end + 1 - start) > self.prefill_tokens:
+                    break
+                width = wider
+                end += 1
+            rows.append(self._prefill_batch(first + start, prompts[start:end]))
+            start = end
+        logits = torch.cat(rows, dim=0).float() if len(rows) > 1 else rows[0].float()
+        self._wait()
+        return logits
+
+    @torch.inference_mode()
+    def decode(self, seq_ids: Sequence[int], token_ids: Sequence[int]) -> torch.Tensor:
+        n = len(seq_ids)
+        slots = [self._slot_of[s] for s in seq_ids]
+        length = self._length
+        if self.static_shapes:
+            bucket = next(b for b in self.batch_buckets if b > max(slots))
+        else:
+            bucket = max(slots) + 1
+        host = self._host_io
+        tokens = [0] * bucket
+        # Rows outside this call (padding, or live sequences left out of a subset call) write K/V at a
+        # position nothing reads before it is written again: a free slot's 0, a live one's next position.
+        positions = [min(length[s], self.cache_len - 1) for s in range(bucket)]
+        for slot, token in zip(slots, token_ids, strict=True):
+            tokens[slot] = token
+        order = slots + [0] * (bucket - n)
+        host[:, :bucket] = torch.tensor([tokens, positions, order], dtype=torch.long)
+        self._io[:, :bucket].copy_(host[:, :bucket], non_blocking=True)
+        longest = max(length[s] for s in slots) + 1
+        width = next(w for w in self.width_buckets if w >= longest) if self.static_shapes else longest
+        if self.cuda_graphs:
+            graph, out = self._graphs[(bucket, width)]
+            graph.replay()
+        else:
+            out = self._decode_step(bucket, width)
+        # Rows come out by slot; the caller wants them in the order of seq_ids.
+        in_order = slots == list(range(n))
+        logits = (out[:n] if in_order else out.index_select(0, self._io[2, :n])).float()
+        for slot in slots:
+            length[slot] += 1
+        self._wait()
+        return logits
+
+    def release(self, seq_id: int) -> None:
+        slot = self._slot_of.pop(seq_id, None)
+        if slot is None:
+            return
+        last = len(self._slot_of)  # the highest occupied slot, after the pop
+        if slot != last:
+            moved = self._seq_in_slot[last]
+            assert moved is not None
+            length = self._length[last]
+            with torch.inference_mode():
+                self.kv[:, :, slot, :, :length] = self.kv[:, :, last, :, :length]
+            self._slot_of[moved] = slot
+            self._seq_in_slot[slot] = moved
+            self._length[slot] = length
+        self._seq_in_slot[last] = None
+        self._length[last] = 0
+
+    # -- CUDA graphs -------------------------------------------------------------------------------------
+    def _capture_graphs(self) -> float:
+        started = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        self._io.zero_()
+        side = torch.cuda.Stream()
+        # Largest first, so the smaller graphs reuse the pool's blocks.
+        for bucket in reversed(self.batch_buckets):
+            for width in reversed(self.width_buckets):
+                with torch.inference_mode():
+                    side.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(side):
+                        for _ in range(2):  # warm-up: lazy cuBLAS/SDPA initialisation stays out of the graph
+                            self._decode_step(bucket, width)
+                    torch.cuda.current_stream().wait_stream(side)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        out = self._decode_step(bucket, width)
+                self._graphs[(bucket, width)] = (graph, out)
+        torch.cuda.synchronize()
+        # The warm-ups wrote K/V of token 0 into free slots: harmless, but start from a clean cache.
+        self.kv.zero_()
+        elapsed = time.perf_counter() - started
+        logger.info(
+            "captured %d CUDA graphs (batch %s x width %s) in %.1f s",
+            len(self._graphs),
+            self.batch_buckets,
+            self.width_buckets,
+            elapsed,
+        )
+        return elapsed
+
+    def _wait(self) -> None:
+        # Waiting on an event releases the GIL (a blocking .tolist() would hold it): the event loop
+        # streams the last step's tokens while the GPU runs this one.
+        if self._step_done is not None:
+            self._step_done.record()
+            self._step_done.synchronize()
+
+    # -- the arithmetic ----------------------------------------------------------------------------------
+    def _decode_step(self, bucket: int, width: int) -> torch.Tensor:
+        """One token for rows 0..bucket-1 (slots), inputs from `self._io`; logits [bucket, vocab]."""
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        tokens = self._io[0, :bucket]
+        pos = self._io[1, :bucket]
+        rows = self._rows[:bucket]
+        visible = self._positions[:width].unsqueeze(0) <= pos.unsqueeze(1)
+        mask = torch.zeros((bucket, width), dtype=self.dtype, device=self.device)
+        mask = mask.masked_fill(~visible, float("-inf")).view(bucket, 1, 1, width)
+        x = F.embedding(tokens, self.embed)
+        cos = self.cos.index_select(0, pos).unsqueeze(1)
+        sin = self.sin_signed.index_select(0, pos).unsqueeze(1)
+        k_all, v_all = self.kv[0], self.kv[1]
+        for index, layer in enumerate(self.layers):
+            h = _rms_norm(x, layer.ln1, layer.ln1_eps)
+            qkv = F.linear(h, layer.w_qkv, layer.b_qkv)
+            qk = qkv[:, : self._qk_width].view(bucket, heads + kv_heads, dim)
+            qk = qk * cos + qk.roll(self._half, -1) * sin
+            k_cache, v_cache = k_all[index], v_all[index]
+            k_cache[rows, :, pos] = qk[:, heads:]
+            v_cache[rows, :, pos] = qkv[:, self._qk_width :].view(bucket, kv_heads, dim)
+            q = qk[:, :heads].reshape(bucket, kv_heads, self.groups, dim)
+            keys, values = k_cache[:bucket, :, :width], v_cache[:bucket, :, :width]
+            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
+            x = x + F.linear(attn.reshape(bucket, heads * dim), layer.w_o, layer.b_o)
+            x = x + self._mlp(_rms_norm(x, layer.ln2, layer.ln2_eps), layer)
+        return F.linear(_rms_norm(x, self.norm, self.norm_eps), self.lm_head, self.lm_head_bias)
+
+    def _prefill_batch(self, first_slot: int, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Prompts into slots first_slot.. (right-padded to the longest); logits after each prompt's end."""
+        n = len(prompts)
+        lengths = [len(p) for p in prompts]
+        width = max(lengths)
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        padded = [list(p) + [0] * (width - len(p)) for p in prompts]
+        ids = torch.tensor(padded, dtype=torch.long).to(self.device, non_blocking=True)
+        x = F.embedding(ids, self.embed)
+        cos = self.cos[:width].view(1, width, 1, dim)
+        sin = self.sin_signed[:width].view(1, width, 1, dim)
+        slots = slice(first_slot, first_slot + n)
+        for index, layer in enumerate(self.layers):
+            h = _rms_norm(x, layer.ln1, layer.ln1_eps)
+            qkv = F.linear(h, layer.w_qkv, layer.b_qkv)
+            qk = qkv[..., : self._qk_width].view(n, width, heads + kv_heads, dim)
+            qk = qk * cos + qk.roll(self._half, -1) * sin
+            q = qk[:, :, :heads].transpose(1, 2)
+            k = qk[:, :, heads:].transpose(1, 2)
+            v = qkv[..., self._qk_width :].view(n, width, kv_heads, dim).transpose(1, 2)
+            # Padding positions past a prompt's end get K/V too; decode overwrites each before reading it.
+            self.kv[0, index, slots, :, :width] = k
+            self.kv[1, index, slots, :, :width] = v
+            if self.groups > 1:
+                # As transformers' repeat_kv: query head j reads KV head j // groups.
+                k = k.repeat_interleave(self.groups, dim=1)
+                v = v.repeat_interleave(self.groups, dim=1)
+            # Right padding under a causal mask: a real token never sees a padding one.
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling)
+            x = x + F.linear(attn.transpose(1, 2).reshape(n, width, heads * dim), layer.w_o, layer.b_o)
+            x = x + self._mlp(_rms_norm(x, layer.ln2, layer.ln2_eps), layer)
+        last_index = torch.tensor([length - 1 for length in lengths], device=self.device)
+        last = x[torch.arange(n, device=self.device), last_index]
+        return F.linear(_rms_norm(last, self.norm, self.norm_eps), self.lm_head, self.lm_head_bias)
+
+    def _mlp(self, h: torch.Tensor, layer: _Layer) -> torch.Tensor:
+        gate_up = F.linear(h, layer.w_gate_up, layer.b_gate_up)
+        gate, up = gate_up[..., : self.intermediate], gate_up[..., self.intermediate :]
+        return F.linear(layer.act(gate) * up, layer.w_down, layer.b_down)
+
+
+def _fuse_layer(layer: Any) -> _Layer:
+    attn, mlp = layer.self_attn, layer.mlp
+    fused = _Layer(
+        ln1=layer.input_layernorm.weight.detach(),
+        ln1_eps=float(layer.input_layernorm.variance_epsilon),
+        w_qkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach(),
+        b_qkv=_cat_bias(attn.q_proj, attn.k_proj, attn.v_proj),
+        w_o=attn.o_proj.weight.detach(),
+        b_o=_bias(attn.o_proj),
+        ln2=layer.post_attention_layernorm.weight.detach(),
+        ln2_eps=float(layer.post_attention_layernorm.variance_epsilon),
+        w_gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),
+        b_gate_up=_cat_bias(mlp.gate_proj, mlp.up_proj),
+        w_down=mlp.down_proj.weight.detach(),
+        b_down=_bias(mlp.down_proj),
+        act=mlp.act_fn,
+    )
+    # The separate projections are now copies: drop them so the weights are not held twice.
+    for owner, names in ((attn, ("q_proj", "k_proj", "v_proj")), (mlp, ("gate_proj", "up_proj"))):
+        for name in names:
+            setattr(owner, name, None)
+    return fused
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # transformers' LlamaRMSNorm, operation for operation (so rounding matches).
+    dtype = x.dtype
+    h = x.float() if dtype != torch.float32 else x
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (h.to(dtype) if dtype != torch.float32 else h)
+
+
+def _bias(linear: Any) -> torch.Tensor | None:
+    return None if linear.bias is None else linear.bias.detach()
+
+
+def _cat_bias(*linears: Any) -> torch.Tensor | None:
+    if all(lin.bias is None for lin in linears):
+        return None
+    parts = [
+        lin.bias.detach()
+        if lin.bias is not None
+        else torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device)
+        for lin in linears
+    ]
+    return torch.cat(parts)

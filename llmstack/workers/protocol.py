@@ -1,0 +1,124 @@
+"""What the launcher and a worker agree on: the worker's command line, and the environment it reads.
+
+The launcher renders `WorkerOptions.to_argv()`; the worker parses the same flags with `WorkerOptions.parse()`.
+Both sides import this module only, so a flag cannot be spelled two ways. Standard library only: it is
+imported by interpreters that have neither Hydra (the ipex-llm venv) nor torch (the launcher).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+LIGHTWEIGHT_MODULE = "llmstack.workers.lightweight"
+# The API key travels in the environment, so it does not show in `ps`.
+API_KEY_ENV = "LLMSTACK_API_KEY"
+
+BACKENDS = ("transformers", "ipex_llm")
+# Where each backend runs. ipex-llm's low-bit kernels exist for Intel GPUs and (some formats) CPUs.
+BACKEND_DEVICES = {"transformers": ("cpu", "cuda", "xpu"), "ipex_llm": ("cpu", "xpu")}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# auto: `fused` where the architecture is supported, else `generic`.
+# fused: llmstack's own decoder over the checkpoint's weights (Llama, Mistral, Qwen2): static per-slot KV
+#   cache, per-sequence positions, fused QKV and gate/up projections.
+# generic: the model's own forward() with a batched, left-padded KV cache managed by the worker; any causal
+#   LM, and the only choice for ipex_llm (its low-bit layers replace the model's modules).
+# fast: `backends.fast_llama` (Llama, Mistral, Qwen2): batched prefill, and on CUDA the decode step as
+#   CUDA-graph replays over batch-size and attention-width buckets; elsewhere the same arithmetic eagerly.
+MODEL_IMPLS = ("auto", "fused", "generic", "fast")
+FUSED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """Everything a lightweight worker needs to start. Defaults are the worker's own."""
+
+    model: str
+    served_model_name: str
+    tokenizer: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    backend: str = "transformers"
+    device: str = "cpu"
+    # Torch dtype of the unquantized weights and activations; auto = the checkpoint's.
+    dtype: str = "auto"
+    # ipex-llm's load_in_low_bit value (backend=ipex_llm only).
+    low_bit: str | None = None
+    model_impl: str = "auto"
+    # Sequences decoded together (KV slots); more wait in a queue of max_waiting_requests, then 503.
+    max_batch_size: int = 16
+    max_waiting_requests: int = 256
+    # Prompt + output tokens per sequence; None: the model's max_position_embeddings.
+    max_model_len: int | None = None
+    trust_remote_code: bool = False
+    # torch.set_num_threads; None keeps torch's default.
+    torch_threads: int | None = None
+    log_level: str = "info"
+
+    def to_argv(self) -> list[str]:
+        argv = ["--model", self.model, "--served-model-name", self.served_model_name]
+        if self.tokenizer:
+            argv += ["--tokenizer", self.tokenizer]
+        argv += ["--host", self.host, "--port", str(self.port)]
+        argv += ["--backend", self.backend, "--device", self.device, "--dtype", self.dtype]
+        if self.low_bit:
+            argv += ["--low-bit", self.low_bit]
+        argv += ["--model-impl", self.model_impl]
+        argv += ["--max-batch-size", str(self.max_batch_size)]
+        argv += ["--max-waiting-requests", str(self.max_waiting_requests)]
+        if self.max_model_len is not None:
+            argv += ["--max-model-len", str(self.max_model_len)]
+        if self.trust_remote_code:
+            argv.append("--trust-remote-code")
+        if self.torch_threads is not None:
+            argv += ["--torch-threads", str(self.torch_threads)]
+        argv += ["--log-level", self.log_level]
+        return argv
+
+    @classmethod
+    def parse(cls, argv: Sequence[str] | None = None) -> WorkerOptions:
+        args = _parser().parse_args(argv)
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"python -m {LIGHTWEIGHT_MODULE}",
+        description="llmstack's lightweight OpenAI-compatible server with continuous batching "
+        f"(API key from ${API_KEY_ENV}).",
+    )
+    p.add_argument("--model", required=True, help="local Hugging Face model directory")
+    p.add_argument("--served-model-name", required=True)
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--backend", choices=BACKENDS, default="transformers")
+    p.add_argument("--device", choices=("cpu", "cuda", "xpu"), default="cpu")
+    p.add_argument("--dtype", choices=DTYPES, default="auto")
+    p.add_argument("--low-bit", dest="low_bit", default=None, help="ipex-llm load_in_low_bit format")
+    p.add_argument("--model-impl", dest="model_impl", choices=MODEL_IMPLS, default="auto")
+    p.add_argument("--max-batch-size", dest="max_batch_size", type=_positive, default=16)
+    p.add_argument("--max-waiting-requests", dest="max_waiting_requests", type=_non_negative, default=256)
+    p.add_argument("--max-model-len", dest="max_model_len", type=_positive, default=None)
+    p.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true")
+    p.add_argument("--torch-threads", dest="torch_threads", type=_positive, default=None)
+    p.add_argument(
+        "--log-level", dest="log_level", default="info", choices=("debug", "info", "warning", "error")
+    )
+    return p
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value

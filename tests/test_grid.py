@@ -1,0 +1,145 @@
+"""Grids: job expansion (product, linked axes, load axes), job names, reports and regressions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+
+from hydra_plugins.llmstack_sweeper.sweeper import LOAD_KEYS, grid_jobs
+from llmstack.grid import job_dir_name
+from llmstack.report import collect_rows, compare, main, to_csv
+
+
+def jobs(*args: str, link: list[list[str]] | None = None) -> list[list[str]]:
+    overrides = OverridesParser.create().parse_overrides(list(args))
+    return grid_jobs(overrides, link or [], set(LOAD_KEYS))
+
+
+def test_product_of_server_axes() -> None:
+    assert jobs("low_bit=none,bf16", "engine.max_num_seqs=8,16") == [
+        ["low_bit=none", "engine.max_num_seqs=8"],
+        ["low_bit=none", "engine.max_num_seqs=16"],
+        ["low_bit=bf16", "engine.max_num_seqs=8"],
+        ["low_bit=bf16", "engine.max_num_seqs=16"],
+    ]
+
+
+def test_load_axes_stay_in_one_job() -> None:
+    assert jobs("low_bit=none,bf16", "benchmark.concurrency=1,4,16") == [
+        ["low_bit=none", "benchmark.concurrency=[1,4,16]"],
+        ["low_bit=bf16", "benchmark.concurrency=[1,4,16]"],
+    ]
+
+
+def test_a_single_load_level_becomes_a_list() -> None:
+    assert jobs("low_bit=none,bf16", "benchmark.concurrency=4") == [
+        ["low_bit=none", "benchmark.concurrency=[4]"],
+        ["low_bit=bf16", "benchmark.concurrency=[4]"],
+    ]
+
+
+def test_linked_axes_are_zipped() -> None:
+    got = jobs("engine.max_num_seqs=8,16", "benchmark.concurrency=8,16", "low_bit=none,bf16",
+               link=[["engine.max_num_seqs", "benchmark.concurrency"]])  # fmt: skip
+    assert got == [
+        ["engine.max_num_seqs=8", "benchmark.concurrency=[8]", "low_bit=none"],
+        ["engine.max_num_seqs=8", "benchmark.concurrency=[8]", "low_bit=bf16"],
+        ["engine.max_num_seqs=16", "benchmark.concurrency=[16]", "low_bit=none"],
+        ["engine.max_num_seqs=16", "benchmark.concurrency=[16]", "low_bit=bf16"],
+    ]
+
+
+def test_linked_axes_need_equal_lengths() -> None:
+    with pytest.raises(HydraException, match="as many values"):
+        jobs("engine.max_num_seqs=8,16", "benchmark.concurrency=8,16,32",
+             link=[["engine.max_num_seqs", "benchmark.concurrency"]])  # fmt: skip
+
+
+def test_linked_axis_must_be_swept() -> None:
+    with pytest.raises(HydraException, match="does not sweep"):
+        jobs("engine.max_num_seqs=8,16", link=[["engine.max_num_seqs", "benchmark.concurrency"]])
+
+
+def test_job_dir_name_is_stable_safe_and_ignores_bookkeeping() -> None:
+    a = job_dir_name(["low_bit=bf16", "engine.max_num_seqs=8", "experiment_name=x", "rerun=true"])
+    b = job_dir_name(["engine.max_num_seqs=8", "low_bit=bf16", "results_dir=/tmp/r"])
+    assert a == b == "low_bit=bf16,engine.max_num_seqs=8"
+    assert "/" not in job_dir_name(["model.path=/data/models/x"])
+    long = job_dir_name([f"+engine.extra_env.K{i}=v" for i in range(40)])
+    assert len(long) <= 160 and long != job_dir_name([f"+engine.extra_env.K{i}=w" for i in range(40)])
+
+
+def _job(root: Path, name: str, levels: list[dict] | None = None, failure: str | None = None) -> None:
+    d = root / name
+    d.mkdir(parents=True)
+    if failure:
+        (d / "failure.json").write_text(json.dumps({"phase": "startup", "error": failure}))
+        return
+    summary = {"status": "ok", "engine": "vllm-upstream", "model": "tiny", "low_bit": name, "device": "cpu",
+               "benchmark": {"levels": levels or []}}  # fmt: skip
+    (d / "summary.json").write_text(json.dumps(summary))
+    for level in levels or []:
+        (d / f"bench-{level['label']}").mkdir()
+        (d / f"bench-{level['label']}" / "result.json").write_text(json.dumps({"p99_ttft_ms": 9.0, **level}))
+
+
+def _levels(scale: float) -> list[dict]:
+    return [
+        {"label": f"c{c}", "concurrency": c, "completed": 8, "failed": 0,
+         "output_throughput": 100.0 * c * scale, "request_throughput": 2.0 * c * scale,
+         "mean_ttft_ms": 10.0 / scale, "median_ttft_ms": 9.0,
+         "mean_tpot_ms": 5.0, "median_tpot_ms": 5.0, "p99_tpot_ms": 6.0}
+        for c in (1, 4)
+    ]  # fmt: skip
+
+
+def test_report_rows_files_and_plots(tmp_path: Path) -> None:
+    exp = tmp_path / "exp"
+    _job(exp, "none", _levels(1.0))
+    _job(exp, "bf16", _levels(2.0))
+    _job(exp, "fp6", failure="engine exited with status 1")
+    rows = collect_rows(exp)
+    assert [(r["job"], r.get("level"), r["status"]) for r in rows] == [
+        ("bf16", "c1", "ok"), ("bf16", "c4", "ok"), ("fp6", None, "failed"),
+        ("none", "c1", "ok"), ("none", "c4", "ok"),
+    ]  # fmt: skip
+    assert rows[1]["output_throughput"] == 800.0 and rows[1]["p99_ttft_ms"] == 9.0
+    assert to_csv(rows).splitlines()[0].startswith("job,status,engine,model,low_bit")
+    assert main([str(exp)]) == 0
+    for name in ("summary.csv", "summary.md", "throughput.png", "ttft.png", "tpot.png"):
+        assert (exp / name).stat().st_size > 0, name
+    assert "engine exited with status 1" in (exp / "summary.md").read_text()
+
+
+def test_compare_gives_relative_deltas(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _job(tmp_path / "a", "none", _levels(1.0))
+    _job(tmp_path / "b", "none", _levels(1.5))
+    deltas = compare(collect_rows(tmp_path / "a"), collect_rows(tmp_path / "b"))
+    assert [d["level"] for d in deltas] == ["c1", "c4"]
+    assert deltas[0]["output_throughput"] == pytest.approx(0.5)
+    assert deltas[0]["mean_ttft_ms"] == pytest.approx(-1 / 3)
+    assert main([str(tmp_path / "a"), "--compare", str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert "+50.0%" in out and "-33.3%" in out
+    assert (tmp_path / "b" / "compare-a.md").is_file()
+
+
+@pytest.mark.parametrize(
+    "name", sorted(p.stem for p in (Path(__file__).parent.parent / "configs/experiment").glob("*.yaml"))
+)
+def test_checked_in_experiments_expand(tmp_path: Path, name: str) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "llmstack", "-m", f"+experiment={name}", "device=cpu", "dry_run=true",
+         f"results_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("-m vllm.entrypoints.openai.api_server") >= 1
+    assert (tmp_path / name / "multirun.yaml").is_file()

@@ -1,0 +1,241 @@
+"""The scheduler with the real tiny model in process: batching, stop conditions, queue limits, aborts.
+
+No HTTP here (test_lightweight_integration.py covers it): requests go straight to `Scheduler.submit`, and an
+asyncio loop in this thread receives the updates, as the server's event loop does. About 10 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from llmstack.models.tiny import ensure_tiny_model  # noqa: E402
+from llmstack.workers.backends import LoadedModel, load  # noqa: E402
+from llmstack.workers.detokenizer import decoder_for  # noqa: E402
+from llmstack.workers.metrics import WorkerMetrics  # noqa: E402
+from llmstack.workers.protocol import WorkerOptions  # noqa: E402
+from llmstack.workers.sampling import SamplingParams  # noqa: E402
+from llmstack.workers.scheduler import GenerationRequest, Overloaded, Scheduler, Update  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+MAX_MODEL_LEN = 96
+
+
+@dataclass
+class Outcome:
+    updates: list[Update] = field(default_factory=list)
+
+    @property
+    def final(self) -> Update:
+        return self.updates[-1]
+
+    @property
+    def tokens(self) -> list[int]:
+        return [u.token_id for u in self.updates if u.token_id >= 0]
+
+    @property
+    def text(self) -> str:
+        return "".join(u.text for u in self.updates)
+
+
+def load_tiny(model_impl: str, max_batch_size: int = 4) -> LoadedModel:
+    options = WorkerOptions(
+        model=str(ensure_tiny_model()), served_model_name="tiny", model_impl=model_impl,
+        max_batch_size=max_batch_size, max_model_len=MAX_MODEL_LEN, torch_threads=1,
+    )  # fmt: skip
+    return load(options)
+
+
+@pytest.fixture(scope="module")
+def reference() -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(ensure_tiny_model())).eval()
+
+
+@pytest.fixture(scope="module", params=["fused", "generic"])
+def loaded(request: pytest.FixtureRequest) -> Iterator[LoadedModel]:
+    yield load_tiny(request.param)
+
+
+def run(
+    loaded: LoadedModel,
+    jobs: list[tuple[list[int], SamplingParams]],
+    *,
+    eos: list[int] | None = None,
+    max_waiting: int = 64,
+    during: Callable[[Scheduler, list[str]], None] | None = None,
+) -> tuple[list[Outcome], Scheduler]:
+    """Submit every job at once; return each one's updates once all have finished."""
+    scheduler = Scheduler(
+        loaded.backend,
+        {skip: decoder_for(loaded.tokenizer, skip) for skip in (True, False)},
+        loaded.eos_token_ids if eos is None else eos,
+        max_waiting_requests=max_waiting,
+        metrics=WorkerMetrics("tiny"),
+    )
+    outcomes = [Outcome() for _ in jobs]
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        done = [loop.create_future() for _ in jobs]
+
+        def sink(i: int) -> Callable[[Update], None]:
+            def deliver(update: Update) -> None:
+                outcomes[i].updates.append(update)
+                if update.finish_reason is not None and not done[i].done():
+                    done[i].set_result(None)
+
+            return deliver
+
+        scheduler.start(loop)
+        try:
+            ids = [f"r{i}" for i in range(len(jobs))]
+            for i, (prompt, params) in enumerate(jobs):
+                scheduler.submit(GenerationRequest(ids[i], prompt, params, sink(i)))
+            if during is not None:
+                during(scheduler, ids)
+            await asyncio.wait_for(asyncio.gather(*done), timeout=120)
+        finally:
+            scheduler.stop()
+
+    asyncio.run(main())
+    return outcomes, scheduler
+
+
+def prompt(seed: int, length: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return [1, *torch.randint(4, 1000, (length - 1,), generator=g).tolist()]
+
+
+def generate(reference: torch.nn.Module, ids: list[int], new_tokens: int) -> list[int]:
+    with torch.inference_mode():
+        out = reference.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False)
+    return out[0, len(ids) :].tolist()
+
+
+def test_more_requests_than_slots_all_match_generate(loaded: LoadedModel, reference: torch.nn.Module) -> None:
+    # Six greedy requests, four slots: two wait, then join as others leave (different max_tokens).
+    jobs = [(prompt(i, 5 + 7 * i), SamplingParams(max_tokens=8 + 5 * i, temperature=0.0)) for i in range(6)]
+    outcomes, scheduler = run(loaded, jobs)
+    for (ids, params), outcome in zip(jobs, outcomes, strict=True):
+        want = generate(reference, ids, params.max_tokens)
+        assert outcome.tokens == want
+        assert outcome.final.finish_reason == ("stop" if want[-1] in loaded.eos_token_ids else "length")
+        assert outcome.final.completion_tokens == len(want)
+    assert scheduler.snapshot()["running"] == 0
+    assert scheduler.metrics.finished["length"] + scheduler.metrics.finished["stop"] == 6
+
+
+def test_eos_stops_unless_ignored_and_min_tokens_masks_it(
+    loaded: LoadedModel, reference: torch.nn.Module
+) -> None:
+    ids = prompt(11, 12)
+    first = generate(reference, ids, 1)[0]
+    # Pretend the first greedy token is EOS.
+    jobs = [
+        (ids, SamplingParams(max_tokens=10, temperature=0.0)),
+        (ids, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)),
+        (ids, SamplingParams(max_tokens=10, temperature=0.0, min_tokens=3)),
+    ]
+    stopped, ignored, delayed = run(loaded, jobs, eos=[first])[0]
+    assert (stopped.final.finish_reason, stopped.tokens) == ("stop", [first])
+    assert stopped.final.stop_reason is None
+    assert (
+        ignored.final.finish_reason == "length" and len(ignored.tokens) == 10 and ignored.tokens[0] == first
+    )
+    assert len(delayed.tokens) >= 3 and first not in delayed.tokens[:3]
+
+
+def test_stop_token_ids_and_stop_strings(loaded: LoadedModel, reference: torch.nn.Module) -> None:
+    ids = prompt(12, 9)
+    want = generate(reference, ids, 12)
+    text = loaded.tokenizer.decode(want, skip_special_tokens=True)
+    stop_text = text[len(text) // 2 : len(text) // 2 + 3]
+    jobs = [
+        (ids, SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=(want[4],))),
+        (ids, SamplingParams(max_tokens=12, temperature=0.0, stop=(stop_text,))),
+    ]
+    by_token, by_string = run(loaded, jobs)[0]
+    cut = want.index(want[4]) + 1
+    assert by_token.tokens == want[:cut]
+    assert (by_token.final.finish_reason, by_token.final.stop_reason) == ("stop", want[4])
+    assert (by_string.final.finish_reason, by_string.final.stop_reason) == ("stop", stop_text)
+    assert by_string.text == text[: text.index(stop_text)]
+
+
+def test_the_context_limit_ends_with_length(loaded: LoadedModel) -> None:
+    ids = prompt(13, MAX_MODEL_LEN - 4)
+    (outcome,), _ = run(loaded, [(ids, SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True))])
+    assert outcome.final.finish_reason == "length" and len(outcome.tokens) == 4
+
+
+def test_seeded_sampling_repeats(loaded: LoadedModel) -> None:
+    ids = prompt(14, 10)
+    params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=99, ignore_eos=True)
+    other = SamplingParams(max_tokens=16, temperature=1.0, seed=100, ignore_eos=True)
+    first, second, third = run(loaded, [(ids, params), (ids, params), (ids, other)])[0]
+    assert first.tokens == second.tokens
+    assert first.tokens != third.tokens
+
+
+def test_full_queue_is_refused_and_abort_frees_the_slot() -> None:
+    loaded = load_tiny("auto", max_batch_size=1)
+    long = SamplingParams(max_tokens=MAX_MODEL_LEN - 8, temperature=0.0, ignore_eos=True)
+    refused: list[Exception] = []
+
+    def overfill(scheduler: Scheduler, ids: list[str]) -> None:
+        try:
+            scheduler.submit(GenerationRequest("extra", prompt(1, 4), long, lambda update: None))
+        except Overloaded as exc:
+            refused.append(exc)
+        scheduler.abort(ids[0])  # running
+        scheduler.abort(ids[1])  # waiting
+
+    jobs = [(prompt(2, 4), long), (prompt(3, 4), long)]
+    outcomes, scheduler = run_with_aborts(loaded, jobs, overfill)
+    assert refused and "max_batch_size 1 + max_waiting_requests 1" in str(refused[0])
+    assert scheduler.metrics.finished["abort"] == 2 and scheduler.metrics.rejected == 1
+    assert scheduler.snapshot() == {"running": 0, "waiting": 0, "steps": scheduler.steps}
+    assert len(outcomes[0].tokens) < long.max_tokens
+
+
+def run_with_aborts(
+    loaded: LoadedModel,
+    jobs: list[tuple[list[int], SamplingParams]],
+    during: Callable[[Scheduler, list[str]], None],
+) -> tuple[list[Outcome], Scheduler]:
+    """As run(), for aborted requests (they get no final update): wait until the scheduler is idle."""
+    scheduler = Scheduler(
+        loaded.backend,
+        {skip: decoder_for(loaded.tokenizer, skip) for skip in (True, False)},
+        loaded.eos_token_ids,
+        max_waiting_requests=1,
+        metrics=WorkerMetrics("tiny"),
+    )
+    outcomes = [Outcome() for _ in jobs]
+
+    async def main() -> None:
+        scheduler.start(asyncio.get_running_loop())
+        try:
+            ids = [f"r{i}" for i in range(len(jobs))]
+            for i, (prompt_ids, params) in enumerate(jobs):
+                scheduler.submit(GenerationRequest(ids[i], prompt_ids, params, outcomes[i].updates.append))
+            await asyncio.sleep(0.05)
+            during(scheduler, ids)
+            for _ in range(200):
+                await asyncio.sleep(0.05)
+                if scheduler.snapshot()["running"] == 0 and scheduler.snapshot()["waiting"] == 0:
+                    break
+        finally:
+            scheduler.stop()
+
+    asyncio.run(main())
+    return outcomes, scheduler

@@ -1,0 +1,273 @@
+"""engine=lightweight without a model: plans, validation, worker flags, sampler, detokenizer, stops, metrics.
+
+Fast (no model is loaded, no server started). The worker's behaviour against the real tiny model is in
+test_lightweight_scheduler.py (in process) and test_lightweight_integration.py (over HTTP).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from llmstack.cli import CONFIG_DIR
+from llmstack.config.resolve import resolve, to_run_config
+from llmstack.config.validate import validate
+from llmstack.devices import Inventory
+from llmstack.engines import get_engine
+from llmstack.engines.lightweight import SOURCE_ROOT
+from llmstack.errors import ConfigError
+from llmstack.workers.protocol import API_KEY_ENV, LIGHTWEIGHT_MODULE, WorkerOptions
+
+CPU_ONLY = Inventory()
+
+
+def resolved(compose_cfg, *overrides: str):
+    return resolve(to_run_config(compose_cfg("engine=lightweight", *overrides)), Path(CONFIG_DIR), CPU_ONLY)
+
+
+def check(compose_cfg, *overrides: str) -> None:
+    validate(resolved(compose_cfg, *overrides), Path(CONFIG_DIR), host_checks=False)
+
+
+# -- plan ------------------------------------------------------------------------------------------------
+def test_plan_renders_the_worker_command_and_the_worker_parses_it(compose_cfg) -> None:
+    run = resolved(compose_cfg, "device=cpu", "engine.port=8123", "engine.max_batch_size=8",
+                   "engine.api_key=sekrit", "engine.torch_threads=1")  # fmt: skip
+    plan = get_engine("lightweight").plan(run)
+    assert plan.argv[1:3] == ("-m", LIGHTWEIGHT_MODULE)
+    assert "sekrit" not in " ".join(plan.argv), "the API key must not be on the command line"
+    assert plan.env[API_KEY_ENV] == "sekrit" and plan.env["PYTHONPATH"] == SOURCE_ROOT
+    assert "sekrit" not in plan.shell_command() and "sekrit" not in str(plan.to_dict())
+    options = WorkerOptions.parse(list(plan.argv[3:]))
+    assert options == get_engine("lightweight").worker_options(run)
+    assert (options.port, options.max_batch_size, options.device, options.backend) == (
+        8123,
+        8,
+        "cpu",
+        "transformers",
+    )
+    assert (
+        options.max_model_len == 1024 and options.served_model_name == "tiny" and options.torch_threads == 1
+    )
+    assert options.low_bit is None and options.dtype == "auto"
+    assert plan.probe.base_url == "http://127.0.0.1:8123" and plan.probe.api_key == "sekrit"
+
+
+def test_plan_for_ipex_llm_passes_the_format_and_interpreter(compose_cfg) -> None:
+    run = resolved(compose_cfg, "device=cpu", "engine.backend=ipex_llm", "low_bit=sym_int8",
+                   "engine.python=/opt/ipex/bin/python")  # fmt: skip
+    plan = get_engine("lightweight").plan(run)
+    options = WorkerOptions.parse(list(plan.argv[3:]))
+    assert plan.argv[0] == "/opt/ipex/bin/python"
+    assert (options.backend, options.low_bit) == ("ipex_llm", "sym_int8")
+    assert get_engine("lightweight").required_module(run) == "ipex_llm"
+
+
+def test_low_bit_auto_means_the_backends_default(compose_cfg) -> None:
+    assert resolved(compose_cfg, "device=cpu").low_bit.name == "none"
+    assert resolved(compose_cfg, "device=cpu", "engine.backend=ipex_llm").low_bit.name == "sym_int4"
+
+
+def test_low_bit_picks_the_transformers_dtype(compose_cfg) -> None:
+    run = resolved(compose_cfg, "device=cpu", "low_bit=bf16")
+    assert WorkerOptions.parse(list(get_engine("lightweight").plan(run).argv[3:])).dtype == "bfloat16"
+
+
+def test_worker_options_round_trip() -> None:
+    options = WorkerOptions(
+        model="/m", served_model_name="m", tokenizer="/t", host="0.0.0.0", port=9, backend="ipex_llm",
+        device="xpu", dtype="float16", low_bit="fp8", model_impl="generic", max_batch_size=3,
+        max_waiting_requests=0, max_model_len=77, trust_remote_code=True, torch_threads=2, log_level="debug",
+    )  # fmt: skip
+    assert WorkerOptions.parse(options.to_argv()) == options
+
+
+# -- validation ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("overrides", "key", "fragments"),
+    [
+        (["low_bit=sym_int4"], "low_bit", ["engine.backend=ipex_llm", "Valid choices: bf16, fp16, none"]),
+        (["low_bit=fp8_e4m3"], "low_bit", ["engine.backend=ipex_llm (ipex-llm runs it on xpu)"]),
+        (["engine.backend=ipex_llm", "low_bit=fp16"], "low_bit", ["only on xpu", "Intel GPUs"]),
+        (["engine.backend=ipex_llm", "low_bit=fp8"], "low_bit", ["only on xpu"]),
+        (["engine.backend=ipex_llm", "low_bit=fp6"], "low_bit", ["only on xpu"]),
+        (["engine.backend=ipex_llm", "low_bit=none"], "low_bit", ["load_in_low_bit", "sym_int4, sym_int5"]),
+        (["engine.backend=ipex_llm", "device=cuda", "device.count=1"], "device", ["Valid choices: cpu, xpu"]),
+        (["engine.backend=onnx"], "engine.backend", ["Valid choices: transformers, ipex_llm"]),
+        (["engine.backend=ipex_llm", "engine.model_impl=fused"], "engine.model_impl", ["auto, generic"]),
+        (["engine.model_impl=magic"], "engine.model_impl", ["auto", "generic"]),
+        (["engine.dtype=int3"], "engine.dtype", ["float32"]),
+        (["low_bit=fp16", "engine.dtype=bfloat16"], "engine.dtype", ["float16"]),
+        (["engine.max_batch_size=0"], "engine.max_batch_size", ["at least 1"]),
+        (["engine.max_waiting_requests=-1"], "engine.max_waiting_requests", ["0 or more"]),
+        (["engine.max_model_len=-5"], "engine.max_model_len", ["at least 1"]),
+        (["engine.log_level=loud"], "engine.log_level", ["debug"]),
+        (["benchmark.input_len=1000", "benchmark.output_len=100"], "benchmark.input_len", ["1024"]),
+    ],
+)
+def test_config_rule(compose_cfg, overrides: list[str], key: str, fragments: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        check(compose_cfg, "device=cpu", *overrides)
+    assert info.value.key == key
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["low_bit=bf16"],
+        ["engine.backend=ipex_llm", "low_bit=sym_int4"],
+        ["engine.backend=ipex_llm", "low_bit=sym_int8"],
+        ["engine.backend=ipex_llm", "low_bit=woq_int4"],
+        ["engine.backend=ipex_llm", "low_bit=fp8", "device=xpu", "device.count=1"],
+        ["engine.backend=ipex_llm", "low_bit=fp16", "device=xpu", "device.count=1"],
+        ["device=cuda", "device.count=1", "engine.model_impl=generic"],
+    ],
+)
+def test_valid_configs_pass(compose_cfg, overrides: list[str]) -> None:
+    check(compose_cfg, "device=cpu", *overrides)
+
+
+def test_interpreter_without_ipex_llm_is_refused(compose_cfg, tmp_path: Path) -> None:
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    fake.chmod(0o755)
+    run = resolved(
+        compose_cfg, "device=cpu", "engine.backend=ipex_llm", f"engine.python={fake}", "engine.port=0"
+    )
+    with pytest.raises(ConfigError) as info:
+        validate(run, Path(CONFIG_DIR), host_checks=True)
+    assert info.value.key == "engine.python" and "cannot import 'ipex_llm'" in str(info.value)
+
+
+# -- sampler -----------------------------------------------------------------------------------------------
+torch = pytest.importorskip("torch")
+
+from llmstack.workers.detokenizer import IncrementalDetokenizer, StopChecker, decoder_for  # noqa: E402
+from llmstack.workers.metrics import WorkerMetrics  # noqa: E402
+from llmstack.workers.sampling import SamplerRow, SamplingParams, make_generator, sample  # noqa: E402
+
+
+def row(
+    params: SamplingParams, output: list[int] | None = None, eos: frozenset[int] = frozenset({2})
+) -> SamplerRow:
+    generator = None if params.greedy else make_generator(params.seed, torch.device("cpu"))
+    return SamplerRow(params, [1, 5, 6], output or [], eos, generator)
+
+
+def test_greedy_rows_take_the_argmax() -> None:
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    rows = [
+        row(SamplingParams(8, temperature=0.0)),
+        row(SamplingParams(8, top_k=1)),
+        row(SamplingParams(8, 0.0)),
+    ]
+    assert sample(logits, rows) == logits.argmax(-1).tolist()
+
+
+def test_seeded_sampling_repeats_whatever_shares_the_batch() -> None:
+    logits = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+    seeded = SamplingParams(8, temperature=1.0, seed=1234)
+
+    alone_row = row(seeded)
+    alone = [sample(logits[0:1], [alone_row])[0] for _ in range(30)]
+    others = SamplingParams(8, temperature=0.9, seed=7), SamplingParams(8, temperature=0.0)
+    rows = [row(others[0]), row(seeded), row(others[1])]
+    batch_logits = torch.stack([logits[1], logits[0], logits[2]])
+    in_batch = [sample(batch_logits, rows)[1] for _ in range(30)]
+    assert in_batch == alone
+    assert len(set(alone)) > 1, "sampling at temperature 1 never varied"
+    other_seed = row(SamplingParams(8, temperature=1.0, seed=4321))
+    assert [sample(logits[0:1], [other_seed])[0] for _ in range(30)] != alone
+
+
+def test_top_k_and_top_p_restrict_the_draws() -> None:
+    logits = torch.tensor([[5.0, 4.0, 3.0, 0.0, -1.0, -2.0]])
+    top2 = row(SamplingParams(8, temperature=1.0, top_k=2, seed=0))
+    assert {sample(logits, [top2])[0] for _ in range(200)} <= {0, 1}
+    # p(token 0) = 0.66 of the mass: top_p 0.5 keeps token 0 alone.
+    nucleus = row(SamplingParams(8, temperature=1.0, top_p=0.5, seed=0))
+    assert {sample(logits, [nucleus])[0] for _ in range(100)} == {0}
+
+
+def test_min_tokens_masks_eos_and_stop_tokens() -> None:
+    logits = torch.tensor([[0.0, 1.0, 9.0, 8.0, 0.5]])
+    params = SamplingParams(8, temperature=0.0, min_tokens=2, stop_token_ids=(3,))
+    assert sample(logits, [row(params, output=[4])]) == [1]  # EOS (2) and stop token 3 are masked
+    assert sample(logits, [row(params, output=[4, 4])]) == [2]  # min_tokens reached
+
+
+def test_repetition_penalty_discourages_seen_tokens() -> None:
+    # Token 5 is in the prompt ([1, 5, 6]), token 0 in the output.
+    logits = torch.tensor([[3.0, 0.0, 0.0, 2.9, 0.0, 2.95]])
+    assert sample(logits, [row(SamplingParams(8, temperature=0.0), output=[0])]) == [0]
+    assert sample(logits, [row(SamplingParams(8, temperature=0.0, repetition_penalty=2.0), output=[0])]) == [
+        3
+    ]
+    # Presence and frequency penalties count output tokens only.
+    assert sample(logits, [row(SamplingParams(8, temperature=0.0, presence_penalty=1.0), output=[0])]) == [5]
+
+
+# -- detokenizer and stop strings --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from llmstack.models.tiny import ensure_tiny_model
+
+    return AutoTokenizer.from_pretrained(str(ensure_tiny_model()))
+
+
+@pytest.mark.parametrize("text", ["the quick brown fox jumps", "héllo wörld → 世界 ok", "a\nb  c\t d"])
+def test_incremental_detokenization_equals_a_full_decode(tokenizer, text: str) -> None:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    decode = decoder_for(tokenizer)
+    detok = IncrementalDetokenizer(decode, [1])
+    deltas = [detok.push(t) for t in ids]
+    deltas.append(detok.flush())
+    assert "".join(deltas) == tokenizer.decode(ids, skip_special_tokens=True)
+    assert not any("\ufffd" in d for d in deltas), "a partial character was released"
+
+
+def test_stop_string_split_over_deltas_is_found_and_cut() -> None:
+    stops = StopChecker(["STOP"])
+    released = []
+    for delta in ["hello S", "T", "O", "Pignored"]:
+        text, hit = stops.add(delta)
+        released.append(text)
+        if hit:
+            break
+    assert hit == "STOP"
+    assert "".join(released) == "hello "
+
+
+def test_held_back_text_is_released_at_the_end() -> None:
+    stops = StopChecker(["</end>"])
+    released = [stops.add(d)[0] for d in ["abc", "def</e"]]
+    assert "".join(released) + stops.finish() == "abcdef</e"
+    assert not released[-1].endswith("</e"), "a possible stop-string prefix was released early"
+
+
+# -- metrics -----------------------------------------------------------------------------------------------
+def test_metrics_render_prometheus_text() -> None:
+    metrics = WorkerMetrics("tiny")
+    metrics.running = lambda: 3
+    metrics.generation_tokens = 42
+    for value in (0.003, 0.03, 30.0):
+        metrics.ttft.observe(value)
+    text = metrics.render()
+    assert 'llmstack:num_requests_running{model_name="tiny"} 3' in text
+    assert 'llmstack:generation_tokens_total{model_name="tiny"} 42' in text
+    buckets = re.findall(r'time_to_first_token_seconds_bucket\{model_name="tiny",le="([^"]+)"\} (\d+)', text)
+    counts = [int(n) for _, n in buckets]
+    assert counts == sorted(counts) and counts[-1] == 3 and buckets[-1][0] == "+Inf"
+    assert dict(buckets)["0.005"] == "1" and dict(buckets)["0.04"] == "2"
+    assert 'llmstack:time_to_first_token_seconds_count{model_name="tiny"} 3' in text
+    for line in text.splitlines():
+        assert line.startswith("#") or re.fullmatch(r"llmstack:[a-z0-9_]+\{[^}]*\} [0-9.e+\-Inf]+", line), (
+            line
+        )
