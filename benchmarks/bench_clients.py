@@ -91,10 +91,10 @@ def cpu_ns(pid: int) -> int:
 
 @dataclass
 class CpuSampler:
-    """Samples the CPU time of some processes every 10 ms; `busy(pid, t0, t1)`: their share of a window."""
+    """Samples the CPU time of some processes every 20 ms; `busy(pid, t0, t1)`: their share of a window."""
 
     pids: list[int]
-    interval_s: float = 0.01
+    interval_s: float = 0.02
     samples: list[tuple[float, dict[int, int]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:

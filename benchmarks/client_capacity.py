@@ -46,8 +46,9 @@ def main() -> int:
     from llmstack.models.tiny import ensure_tiny_model
 
     model_dir = str(ensure_tiny_model())
-    # The driver only waits and samples /proc; keep it off the client's CPU.
-    pin(0, args.stub_cpu)
+    # The driver only waits and samples /proc (about 1 % of a CPU). Not beside the stub: that runs SCHED_FIFO
+    # and, near full load, would starve the sampler.
+    pin(0, args.client_cpu)
     log = Path(tempfile.mkdtemp(prefix="client-capacity-")) / "clients.log"
     kinds = args.clients.split(",")
     stub = start_stub("--mode", "capacity", "--tokens", str(args.tokens), "--writes", args.writes,

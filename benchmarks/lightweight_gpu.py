@@ -1,10 +1,11 @@
-"""Lightweight worker on an NVIDIA GPU vs HF `generate` and `transformers serve --continuous-batching`, one run.
+"""Our lightweight worker on an NVIDIA GPU vs HF `generate` and `transformers serve --continuous-batching`.
 
 Workload (issue 6): a random-weight model of Qwen2-0.5B shape in bf16, built here from a Qwen2Config (no
 download), 128 prompt tokens, 256 output tokens, greedy, EOS ignored. Phases, in this order:
 
-  1. build the model directory (weights, a word-level tokenizer that covers all 151,936 ids, so every
-     generated token is real text, and a chat template that renders the message as is);
+  1. build the model directory: weights, and a Qwen2-style byte-level BPE tokenizer whose 151,643 tokens
+     are letter runs (" abcd", "xy"), so generated ids decode to real text and prompts of 128 words are
+     128 tokens, with a chat template that renders the message as is;
   2. equivalence: greedy tokens of the fast backend (CUDA graphs) vs HF `generate` for the same prompts,
      sequences joining, leaving and decoding together at different positions; in float32 (must be equal)
      and bf16 (agreement reported: bf16 rounding differs between any two kernels);
@@ -20,14 +21,13 @@ transformers serve refuses unknown fields). Output tokens are counted from each 
 A short table with the ratios is printed last; everything is also written to OUT/results.json.
 
     python benchmarks/lightweight_gpu.py --out $OUT                 # on the GPU machine
-    .venv/bin/python benchmarks/lightweight_gpu.py --smoke --device cpu --out /tmp/lw   # the flow, tiny, on CPU
+    .venv/bin/python benchmarks/lightweight_gpu.py --smoke --device cpu --out /tmp/lw   # the flow, on CPU
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import gc
 import json
 import os
@@ -36,7 +36,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,12 @@ SERVED_NAME = "qwen2-0.5b-random"
 PROMPT_TOKENS = 128
 OUTPUT_TOKENS = 256
 EOS_ID = 151643  # Qwen2's <|endoftext|>; a random model almost never picks it, and ours ignores it anyway
+# The tokenizer's ids: 256 byte symbols, then " a".." zzzz" (one token per word: prompts are drawn from the
+# 4-letter ones), then "aa".."zzz"; <|endoftext|> at EOS_ID. Ids past it decode to nothing, as in Qwen2.
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+_PLAIN_WORDS = 26**2 + 26**3
+PROMPT_IDS = (256 + 26 + 26**2 + 26**3, EOS_ID - _PLAIN_WORDS)
+QWEN2_PRETOKENIZE = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501
 QWEN2_05B = dict(
     vocab_size=151936,
     hidden_size=896,
@@ -76,9 +83,10 @@ def log(message: str) -> None:
 def build_model(path: Path, shape: dict[str, Any], device: str) -> None:
     import torch
     import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
 
-    config = transformers.Qwen2Config(**shape, bos_token_id=EOS_ID, eos_token_id=EOS_ID, use_sliding_window=False)
+    config = transformers.Qwen2Config(
+        **shape, bos_token_id=EOS_ID, eos_token_id=EOS_ID, use_sliding_window=False
+    )
     torch.manual_seed(20261127)
     with torch.device(device):
         model = transformers.Qwen2ForCausalLM(config)
@@ -87,21 +95,58 @@ def build_model(path: Path, shape: dict[str, Any], device: str) -> None:
         bos_token_id=EOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID, do_sample=False
     )
     model.save_pretrained(path)
-    vocab = {f"t{i}": i for i in range(shape["vocab_size"])}
-    word_level = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
-    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=word_level, eos_token=f"t{EOS_ID}", pad_token=f"t{EOS_ID}", unk_token="t0"
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(path)
+    build_tokenizer().save_pretrained(path)
     del model
     gc.collect()
 
 
+def build_tokenizer() -> Any:
+    """A byte-level BPE in Qwen2's layout (AutoTokenizer loads it as Qwen2Tokenizer), EOS_ID + 1 tokens."""
+    import itertools
+
+    import transformers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    vocab: dict[str, int] = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    merges: list[tuple[str, str]] = []
+    space = "\u0120"  # byte-level " "
+    # Merges apply lowest rank first: every " word" merge ranks before every plain one, so a word with its
+    # leading space always merges left to right into one token.
+    for n in range(1, 5):
+        for letters in itertools.product(_LETTERS, repeat=n):
+            if len(vocab) >= EOS_ID - _PLAIN_WORDS:
+                break
+            word = space + "".join(letters)
+            merges.append((word[:-1], word[-1]))
+            vocab[word] = len(vocab)
+    for n in (2, 3):
+        for letters in itertools.product(_LETTERS, repeat=n):
+            word = "".join(letters)
+            merges.append((word[:-1], word[-1]))
+            vocab[word] = len(vocab)
+    assert len(vocab) == EOS_ID, len(vocab)
+    bpe = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="")
+    )
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    bpe.decoder = decoders.ByteLevel()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe)
+    tokenizer.add_tokens([AddedToken("<|endoftext|>", special=True)], special_tokens=True)
+    tokenizer.eos_token = tokenizer.pad_token = "<|endoftext|>"
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
 def random_prompts(count: int, vocab: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
-    return [[rng.randrange(1, min(vocab, EOS_ID)) for _ in range(PROMPT_TOKENS)] for _ in range(count)]
+    low, high = PROMPT_IDS if vocab > PROMPT_IDS[1] else (1, vocab)
+    return [[rng.randrange(low, high) for _ in range(PROMPT_TOKENS)] for _ in range(count)]
 
 
 # -- 2./3. equivalence and backend-only timings --------------------------------------------------------------
@@ -170,10 +215,6 @@ def equivalence(path: Path, device: str, dtype_name: str, new_tokens: int) -> di
         "agreeing_prefix": agree,
         "graphs": backend.info().extra.get("cuda_graphs"),
     }
-    del backend, ref
-    gc.collect()
-    with contextlib.suppress(Exception):
-        torch.cuda.empty_cache()
     return result
 
 
@@ -215,10 +256,6 @@ def backend_timings(path: Path, device: str, max_batch: int, steps: int) -> dict
             backend.cuda_graphs = device == "cuda"
             for s in ids:
                 backend.release(s)
-    del backend, model
-    gc.collect()
-    with contextlib.suppress(Exception):
-        torch.cuda.empty_cache()
     return out
 
 
@@ -251,10 +288,6 @@ def hf_generate(path: Path, device: str, batch: int, new_tokens: int) -> dict[st
 
     run(4)  # warm-up
     elapsed = run(new_tokens)
-    del model
-    gc.collect()
-    with contextlib.suppress(Exception):
-        torch.cuda.empty_cache()
     return {"batch": batch, "seconds": round(elapsed, 2), "tok_s": round(batch * new_tokens / elapsed, 1)}
 
 
@@ -288,12 +321,15 @@ def wait_ready(port: int, proc: subprocess.Popen[bytes], timeout_s: float) -> fl
     raise TimeoutError(f"server not ready after {timeout_s:.0f} s")
 
 
-def chat_payloads(model: str, count: int, vocab: int, seed: int, ours: bool, max_tokens: int) -> list[dict]:
+def chat_payloads(
+    model: str, count: int, words: Callable[[list[int]], str], seed: int, ours: bool, max_tokens: int
+) -> list[dict]:
+    """Streamed chat requests, each with a fresh 128-token prompt (128 words, one token each)."""
     payloads = []
-    for prompt in random_prompts(count, vocab, seed):
+    for prompt in random_prompts(count, EOS_ID + 1, seed):
         body: dict[str, Any] = {
             "model": model,
-            "messages": [{"role": "user", "content": " ".join(f"t{i}" for i in prompt)}],
+            "messages": [{"role": "user", "content": words(prompt)}],
             "max_tokens": max_tokens,
             "temperature": 0.0,
             "stream": True,
@@ -327,7 +363,9 @@ def load(port: int, payloads: list[dict], concurrency: int, timeout_s: float) ->
         "seconds": round(result.duration, 2),
         "output_tokens": tokens,
         "tokens_per_request": round(tokens / len(ok), 1) if ok else 0,
-        "prompt_tokens_per_request": round(sum(prompt_tokens) / len(prompt_tokens), 1) if prompt_tokens else None,
+        "prompt_tokens_per_request": round(sum(prompt_tokens) / len(prompt_tokens), 1)
+        if prompt_tokens
+        else None,
         "tok_s": round(tokens / result.duration, 1) if result.duration > 0 else 0.0,
         "median_ttft_ms": round(ttfts[len(ttfts) // 2] * 1e3, 1) if ttfts else None,
         "errors": errors,
@@ -341,7 +379,7 @@ def serve_and_load(
     out: Path,
     env: dict[str, str],
     model_field: str,
-    vocab: int,
+    words: Callable[[list[int]], str],
     ours: bool,
     plan: list[tuple[int, int]],
     startup_s: float,
@@ -351,27 +389,33 @@ def serve_and_load(
     with server(argv, out / f"{name}.log", env) as proc:
         results["ready_s"] = round(wait_ready(port, proc, startup_s), 1)
         log(f"{name}: ready after {results['ready_s']} s")
-        warm = chat_payloads(model_field, 64, vocab, seed=1, ours=ours, max_tokens=16)
+        warm = chat_payloads(model_field, 64, words, seed=1, ours=ours, max_tokens=16)
         results["warmup"] = load(port, warm, 64, timeout_s=300)
         log(f"{name}: warm-up {results['warmup']['ok']}/64 ok {results['warmup']['errors']}")
         for concurrency, requests in plan:
-            payloads = chat_payloads(model_field, requests, vocab, seed=concurrency, ours=ours, max_tokens=OUTPUT_TOKENS)
+            payloads = chat_payloads(model_field, requests, words, concurrency, ours, OUTPUT_TOKENS)
             got = load(port, payloads, concurrency, timeout_s=600)
             results[f"c{concurrency}"] = got
             log(f"{name}: c{concurrency} {json.dumps(got)}")
     return results
 
 
-# -- the run --------------------------------------------------------------------------------------------------
+# -- the run ------------------------------------------------------------------------------------------------
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/lightweight_gpu")))
     parser.add_argument("--model-dir", type=Path, default=Path("/tmp/qwen2-0.5b-random"))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--smoke", action="store_true", help="a tiny model and few requests: checks the flow")
-    parser.add_argument("--skip", default="", help="comma list of phases to skip: equiv,timing,hf,tserve,ours,fused")
+    parser.add_argument(
+        "--skip", default="", help="comma list of phases to skip: equiv,timing,hf,tserve,ours,fused"
+    )
     parser.add_argument("--with-fused", action="store_true", help="also run --model-impl fused at c64")
-    parser.add_argument("--budget-s", type=float, default=540.0, help="skip phases that would start after this")
+    parser.add_argument(
+        "--budget-s", type=float, default=540.0, help="skip phases that would start after this"
+    )
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     if not args.with_fused:
@@ -404,8 +448,14 @@ def main() -> int:
             value = fn(*fn_args)
         except Exception as exc:  # one failed phase must not cost the others: report it and go on
             log(f"{name}: FAILED {type(exc).__name__}: {exc}")
+            traceback.print_exc()
             results.setdefault("failures", {})[name] = f"{type(exc).__name__}: {exc}"
             return None
+        finally:
+            # The phase's models are garbage now: give their GPU memory back before the next one.
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         results[name] = value
         log(f"{name}: {json.dumps(value)}")
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
@@ -422,7 +472,9 @@ def main() -> int:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_UPDATE_CHECK="1")
     env.setdefault("PYTHONUNBUFFERED", "1")
-    vocab = shape["vocab_size"]
+    words: Callable[[list[int]], str] = lambda ids: ""  # noqa: E731
+    with contextlib.suppress(Exception):
+        words = transformers.AutoTokenizer.from_pretrained(args.model_dir).decode
     c1_ours, c64_ours = (2, 16) if args.smoke else (8, 256)
     c1_theirs, c64_theirs = (2, 16) if args.smoke else (2, 128)
     model_dir = str(args.model_dir)
@@ -430,10 +482,13 @@ def main() -> int:
         sys.executable, "-m", "transformers.cli.transformers", "serve", model_dir, "--continuous-batching",
         "--host", "127.0.0.1", "--port", "18801", "--dtype", "bfloat16", "--device", args.device,
     ]  # fmt: skip
+    if args.smoke:
+        # On a CPU, continuous batching sizes its paged cache from the host's free memory: keep it small.
+        tserve += ["--cb-num-blocks", "64", "--cb-max-batch-tokens", "512"]
     phase(
         "tserve",
         serve_and_load,
-        "tserve", tserve, 18801, args.out, env, model_dir, vocab, False,
+        "tserve", tserve, 18801, args.out, env, model_dir, words, False,
         [(1, c1_theirs), (64, c64_theirs)], 300.0,
     )  # fmt: skip
 
@@ -448,13 +503,13 @@ def main() -> int:
     phase(
         "ours",
         serve_and_load,
-        "ours", worker_argv("fast", 18802), 18802, args.out, env, SERVED_NAME, vocab, True,
+        "ours", worker_argv("fast", 18802), 18802, args.out, env, SERVED_NAME, words, True,
         [(1, c1_ours), (64, c64_ours)], 300.0,
     )  # fmt: skip
     phase(
         "fused",
         serve_and_load,
-        "fused", worker_argv("fused", 18803), 18803, args.out, env, SERVED_NAME, vocab, True,
+        "fused", worker_argv("fused", 18803), 18803, args.out, env, SERVED_NAME, words, True,
         [(64, c64_theirs)], 300.0,
     )  # fmt: skip
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
@@ -473,16 +528,26 @@ def print_table(results: dict[str, Any]) -> None:
 
     rows = [
         ("HF generate, static batch", tok_s("hf:b1", "tok_s"), tok_s("hf:b64", "tok_s")),
-        ("transformers serve --continuous-batching", tok_s("tserve", "c1", "tok_s"), tok_s("tserve", "c64", "tok_s")),
+        (
+            "transformers serve --continuous-batching",
+            tok_s("tserve", "c1", "tok_s"),
+            tok_s("tserve", "c64", "tok_s"),
+        ),
         ("llmstack lightweight, model_impl=fused", None, tok_s("fused", "c64", "tok_s")),
-        ("llmstack lightweight, model_impl=fast", tok_s("ours", "c1", "tok_s"), tok_s("ours", "c64", "tok_s")),
+        (
+            "llmstack lightweight, model_impl=fast",
+            tok_s("ours", "c1", "tok_s"),
+            tok_s("ours", "c64", "tok_s"),
+        ),
     ]
     print()
-    print(f"GPU: {results['env']['gpu']}  torch {results['env']['torch']}  transformers {results['env']['transformers']}")
+    env = results["env"]
+    print(f"GPU: {env['gpu']}  torch {env['torch']}  transformers {env['transformers']}")
     for name in ("equiv:float32", "equiv:bfloat16"):
         e = results.get(name)
         if e:
-            print(f"{name}: tokens equal to HF generate: {e['equal']} (agreeing prefix per sequence {e['agreeing_prefix']})")
+            same = e["agreeing_prefix"]
+            print(f"{name}: tokens equal to HF generate: {e['equal']} (agreeing prefix per sequence {same})")
     timing = results.get("timing")
     if timing:
         print(
@@ -495,7 +560,10 @@ def print_table(results: dict[str, Any]) -> None:
         fmt = lambda v: f"{v:,.0f}" if v is not None else "-"  # noqa: E731
         print(f"{name:44} {fmt(c1):>14} {fmt(c64):>15}")
     ours1, ours64 = rows[3][1], rows[3][2]
-    for label, base1, base64 in (("HF generate", rows[0][1], rows[0][2]), ("transformers serve", rows[1][1], rows[1][2])):
+    for label, base1, base64 in (
+        ("HF generate", rows[0][1], rows[0][2]),
+        ("transformers serve", rows[1][1], rows[1][2]),
+    ):
         r1 = f"{ours1 / base1:.1f}x" if ours1 and base1 else "-"
         r64 = f"{ours64 / base64:.1f}x" if ours64 and base64 else "-"
         print(f"{'fast vs ' + label:44} {r1:>14} {r64:>15}")

@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,8 @@ class GridJob:
 
 def current_job() -> GridJob | None:
     """The grid job this process is running, or None outside a multirun."""
+    if "hydra.core.hydra_config" not in sys.modules:
+        return None  # Hydra never ran in this process (the compose cache's fast path): not a grid
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode

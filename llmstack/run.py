@@ -12,7 +12,6 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from llmstack.bench.phase import needs_server
 from llmstack.config.resolve import resolve, to_run_config
 from llmstack.config.schema import RunConfig
 from llmstack.config.validate import validate
@@ -71,22 +70,27 @@ class Session:
         }
 
     def execute(self) -> dict[str, Any]:
+        from llmstack.bench.phase import needs_server
         from llmstack.logs import add_file_logging
         from llmstack.supervisor import ServerProcess, terminate_raises
 
         handler = add_file_logging(self.rundir.file("llmstack.log"))
         logger.info("run directory: %s", self.rundir.path)
-        self._record_inputs()
         try:
             with terminate_raises():
                 self._prepare_model()
-                phase = self._prepare_benchmark()
-                if phase is not None and not needs_server(self.run.benchmark.phase):
-                    self._run_benchmark(phase, None)  # offline: the phase runs the engine itself
+                if not needs_server(self.run.benchmark.phase):
+                    self._record_inputs()
+                    self._run_benchmark(self._prepare_benchmark(), None)  # offline: the phase runs the engine
                 else:
                     self.summary["phase"] = "startup"
                     echo = _engine_echo if self.run.show_engine_log else _engine_echo_problems
                     with ServerProcess(self.plan, self.rundir.file(self.plan.log_name), echo=echo) as server:
+                        # The engine takes many seconds to load: record and build prompts meanwhile, not
+                        # before (a bad dataset still fails within seconds, and the engine is stopped).
+                        self._record_inputs()
+                        phase = self._prepare_benchmark()
+                        self.summary["phase"] = "startup"
                         self.summary["ready_s"] = round(server.wait_ready(), 3)
                         if phase is not None:
                             server.echo = _engine_echo_problems  # keep the benchmark output readable
@@ -99,6 +103,7 @@ class Session:
         finally:
             self.summary["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             self.rundir.write_json("summary.json", self.summary)
+            self._record_doctor()
             logging.getLogger().removeHandler(handler)
             handler.close()
         return self.summary
@@ -145,18 +150,19 @@ class Session:
         self.rundir.write_json("plan.json", self.plan.to_dict())
         self.rundir.write_text("command.sh", "#!/usr/bin/env bash\n" + self.plan.shell_command() + "\n")
         self.rundir.write_json("environment.json", describe_environment(self.plan))
-        # Devices, drivers and the engine interpreter's packages, in a thread beside the engine's startup
-        # (the quick report imports no torch and touches no GPU; about half a second).
-        import threading
 
+    def _record_doctor(self) -> None:
+        """Devices, drivers and the engine interpreter's packages, after the run: never competing with the
+        engine's startup or the benchmark for the CPU (the quick report imports no torch; about a second)."""
         from llmstack import doctor
 
         pythons = list(dict.fromkeys([self.plan.interpreter, sys.executable]))
-        report = self.rundir.file("doctor.json")
-        threading.Thread(target=doctor.write_report, args=(report, pythons), name="llmstack-doctor").start()
+        doctor.write_report(self.rundir.file("doctor.json"), pythons)  # never raises
 
 
 def render_dry_run(run: RunConfig, plan: LaunchPlan) -> str:
+    from llmstack.bench.phase import needs_server
+
     lines = [
         f"# llmstack dry run: {plan.engine}, model={run.model.name}, low_bit={run.low_bit.name}, "
         f"device={run.device.name} (x{run.device.count})",

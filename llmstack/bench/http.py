@@ -624,9 +624,10 @@ class _StampedTransport:
         return self._closing
 
     def _on_readable(self) -> None:
+        recvmsg = self._sock.recvmsg
         for _ in range(_MAX_READS_PER_WAKEUP):
             try:
-                data, ancillary, _, _ = self._sock.recvmsg(_READ_SIZE, _ANCILLARY_SIZE)
+                data, ancillary, _, _ = recvmsg(_READ_SIZE, _ANCILLARY_SIZE)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -638,13 +639,8 @@ class _StampedTransport:
                 self._protocol.eof_received()
                 self._shut(None)
                 return
-            for level, kind, raw in ancillary:
-                if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(raw) == _TIMESPEC.size:
-                    seconds, nanos = _TIMESPEC.unpack(raw)
-                    delay = wall - (seconds * 1_000_000_000 + nanos)
-                    # Out of range means the wall clock was stepped meanwhile: keep the read time then.
-                    if 0 <= delay < _MAX_STAMP_DELAY_NS:
-                        now -= delay * 1e-9
+            if ancillary:
+                now = _kernel_receive_time(ancillary, now, wall)
             self._protocol.data_arrived(data, now)
             if len(data) < _READ_SIZE or self._closing:
                 return
@@ -691,6 +687,18 @@ class _StampedTransport:
             self._out.clear()
         self._sock.close()
         self._loop.call_soon(self._protocol.connection_lost, exc)
+
+
+def _kernel_receive_time(ancillary: list[tuple[int, int, bytes]], now: float, wall: int) -> float:
+    """`now` (perf_counter, just after the read) moved back by how long ago the kernel received the data."""
+    for level, kind, raw in ancillary:
+        if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(raw) == _TIMESPEC.size:
+            seconds, nanos = _TIMESPEC.unpack(raw)
+            delay = wall - (seconds * 1_000_000_000 + nanos)
+            # Out of range means the wall clock was stepped meanwhile: keep the read time then.
+            if 0 <= delay < _MAX_STAMP_DELAY_NS:
+                return now - delay * 1e-9
+    return now
 
 
 async def _open_stamped_socket(loop: asyncio.AbstractEventLoop, target: Target) -> socket.socket:

