@@ -57,7 +57,7 @@ def wait_ready(port: int, name: str, proc: subprocess.Popen, timeout: float = 60
     raise TimeoutError("not ready")
 
 
-def stop(proc: subprocess.Popen, port: int) -> None:
+def stop(proc: subprocess.Popen, port: int | None) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
     try:
@@ -66,7 +66,7 @@ def stop(proc: subprocess.Popen, port: int) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     deadline = time.monotonic() + 30
-    while not port_is_free(port) and time.monotonic() < deadline:
+    while port is not None and not port_is_free(port) and time.monotonic() < deadline:
         time.sleep(0.1)
 
 
@@ -99,22 +99,22 @@ def one_llmstack(cache: Path) -> tuple[float, float]:
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         env={**os.environ, "LLMSTACK_CACHE": str(cache)},
     )  # fmt: skip
-    spawn, port = None, None
-    while spawn is None and proc.poll() is None:
-        for kid in children(proc.pid):  # other children (the doctor's probes) may come first
-            try:
-                argv = Path(f"/proc/{kid}/cmdline").read_bytes().decode().split("\0")
-            except OSError:
-                continue
-            if "--port" in argv:
-                spawn = (start_ticks(kid) - start_ticks(proc.pid)) / CLK_TCK
-                port = int(argv[argv.index("--port") + 1])
-                break
-        else:
-            time.sleep(0.005)
-    if port is None:
-        raise RuntimeError(f"llmstack exited with {proc.returncode} before spawning the engine")
-    try:
+    try:  # whatever happens, the launcher and its engine go down with this function
+        spawn, port = None, None
+        while spawn is None and proc.poll() is None:
+            for kid in children(proc.pid):  # other children may come first
+                try:
+                    argv = Path(f"/proc/{kid}/cmdline").read_bytes().decode().split("\0")
+                except OSError:
+                    continue
+                if "--port" in argv:
+                    spawn = (start_ticks(kid) - start_ticks(proc.pid)) / CLK_TCK
+                    port = int(argv[argv.index("--port") + 1])
+                    break
+            else:
+                time.sleep(0.005)
+        if port is None:
+            raise RuntimeError(f"llmstack exited with {proc.returncode} before spawning the engine")
         ready = wait_ready(port, "tiny", proc) - t0
     finally:
         stop(proc, port)

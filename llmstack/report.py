@@ -56,7 +56,12 @@ def collect_rows(experiment_dir: Path) -> list[dict[str, Any]]:
             "status": summary.get("status"),
             **{k: summary.get(k) for k in ("engine", "model", "low_bit", "device")},
         }
-        levels = (summary.get("benchmark") or {}).get("levels") or []
+        bench = summary.get("benchmark") or {}
+        levels = bench.get("levels") or []
+        offline = bench.get("result")
+        if offline and not levels:  # offline_throughput: one figure set, no load levels
+            rows.append({**base, "level": "offline", **_offline_row(offline)})
+            continue
         if not levels:
             rows.append({**base, "error": summary.get("error", "")})
         for level in levels:
@@ -194,6 +199,16 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(args.compare / f"compare-{args.experiment.name}.md", text)
     print(text)
     return 0
+
+
+def _offline_row(result: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's offline throughput keys under the column names the online levels use."""
+    return {
+        "completed": result.get("num_requests"),
+        "request_throughput": result.get("requests_per_second"),
+        "output_throughput": result.get("output_tokens_per_second"),
+        "total_token_throughput": result.get("tokens_per_second"),
+    }
 
 
 def _load_of(row: dict[str, Any]) -> float | None:

@@ -115,6 +115,18 @@ def test_report_rows_files_and_plots(tmp_path: Path) -> None:
     assert "engine exited with status 1" in (exp / "summary.md").read_text()
 
 
+def test_offline_jobs_have_a_row(tmp_path: Path) -> None:
+    job = tmp_path / "exp" / "offline"
+    job.mkdir(parents=True)
+    result = {"num_requests": 16, "requests_per_second": 31.9, "output_tokens_per_second": 514.0,
+              "tokens_per_second": 1028.0}  # fmt: skip
+    summary = {"status": "ok", "engine": "vllm-upstream", "model": "tiny", "low_bit": "none", "device": "cpu",
+               "benchmark": {"result": result}}  # fmt: skip
+    (job / "summary.json").write_text(json.dumps(summary))
+    (row,) = collect_rows(tmp_path / "exp")
+    assert (row["level"], row["completed"], row["output_throughput"]) == ("offline", 16, 514.0)
+
+
 def test_compare_gives_relative_deltas(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _job(tmp_path / "a", "none", _levels(1.0))
     _job(tmp_path / "b", "none", _levels(1.5))
