@@ -141,6 +141,11 @@ class Worker:
             cwd=REPO,
         )
         pin(self.proc.pid, cpu)
+        # Wait until its imports are done: vLLM's take half a minute of CPU, on the CPU the other client
+        # is measured on.
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != '{"ready": true}':
+            raise RuntimeError(f"{kind} worker did not start; see {log}")
 
     @property
     def pid(self) -> int:
@@ -333,6 +338,10 @@ def worker_main(kind: str) -> int:
     runner = {"ours": run_ours, "vllm": run_vllm, "httpx": run_httpx}[kind]
     if kind == "vllm":
         import vllm.benchmarks.serve  # noqa: F401  (the slow import, once, before the first command)
+    else:
+        import llmstack.bench.loadgen  # noqa: F401
+    replies.write('{"ready": true}\n')
+    replies.flush()
     for line in sys.stdin:
         cmd = json.loads(line)
         try:

@@ -10,10 +10,11 @@ download), 128 prompt tokens, 256 output tokens, greedy, EOS ignored. Phases, in
      sequences joining, leaving and decoding together at different positions; in float32 (must be equal)
      and bf16 (agreement reported: bf16 rounding differs between any two kernels);
   3. backend-only step times (no HTTP), graphs vs the same step run eagerly;
-  4. HF `generate`, static batch of 1 and of 64 (`min_new_tokens` = 256 in place of ignore_eos);
+  4. HF `generate`, static batch of 1 and of 64 (no EOS token: exactly 256 new tokens);
   5. `transformers serve MODEL --continuous-batching` at concurrency 1 and 64;
-  6. our worker (`python -m llmstack.workers.lightweight --model-impl fast`) at concurrency 1 and 64,
-     and optionally `--model-impl fused` (the same worker without graphs) at 64.
+  6. our worker (`python -m llmstack.workers.lightweight --model-impl fast`) at concurrency 1 and 64;
+     with --variants also at 64: the same worker with a 1 ms GIL switch interval (the scheduler thread
+     takes the GIL back from the event loop sooner) and `--model-impl fused` (no graphs).
 
 Both servers get the same requests from llmstack's load generator (`run_load_sync`): streamed chat
 completions, one random 128-word prompt each, max_tokens 256, temperature 0 (ours also gets ignore_eos;
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import gc
 import json
 import os
@@ -73,6 +75,12 @@ SMOKE = dict(QWEN2_05B, hidden_size=64, intermediate_size=128, num_hidden_layers
 CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
 
 T0 = time.monotonic()
+# Past this (monotonic) time no wait is started: the whole run must end inside the device call's limit.
+DEADLINE = [T0 + 580.0]
+
+
+def time_left(cap: float) -> float:
+    return max(5.0, min(cap, DEADLINE[0] - time.monotonic()))
 
 
 def log(message: str) -> None:
@@ -267,6 +275,10 @@ def hf_generate(path: Path, device: str, batch: int, new_tokens: int) -> dict[st
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
     prompts = torch.tensor(random_prompts(batch, model.config.vocab_size, seed=batch), device=device)
     mask = torch.ones_like(prompts)
+    # ignore_eos the cheapest way: no EOS at all (min_new_tokens would add a logits processor per step).
+    config = copy.deepcopy(model.generation_config)
+    config.eos_token_id = None
+    config.do_sample = False
 
     def run(tokens: int) -> float:
         if device == "cuda":
@@ -276,9 +288,8 @@ def hf_generate(path: Path, device: str, batch: int, new_tokens: int) -> dict[st
             out = model.generate(
                 prompts,
                 attention_mask=mask,
+                generation_config=config,
                 max_new_tokens=tokens,
-                min_new_tokens=tokens,
-                do_sample=False,
                 pad_token_id=EOS_ID,
             )
         if device == "cuda":
@@ -387,14 +398,14 @@ def serve_and_load(
     """Start a server, warm it up at concurrency 64, then run (concurrency, requests) for each of `plan`."""
     results: dict[str, Any] = {}
     with server(argv, out / f"{name}.log", env) as proc:
-        results["ready_s"] = round(wait_ready(port, proc, startup_s), 1)
+        results["ready_s"] = round(wait_ready(port, proc, time_left(startup_s)), 1)
         log(f"{name}: ready after {results['ready_s']} s")
         warm = chat_payloads(model_field, 64, words, seed=1, ours=ours, max_tokens=16)
-        results["warmup"] = load(port, warm, 64, timeout_s=300)
+        results["warmup"] = load(port, warm, 64, timeout_s=time_left(300))
         log(f"{name}: warm-up {results['warmup']['ok']}/64 ok {results['warmup']['errors']}")
         for concurrency, requests in plan:
             payloads = chat_payloads(model_field, requests, words, concurrency, ours, OUTPUT_TOKENS)
-            got = load(port, payloads, concurrency, timeout_s=600)
+            got = load(port, payloads, concurrency, timeout_s=time_left(600))
             results[f"c{concurrency}"] = got
             log(f"{name}: c{concurrency} {json.dumps(got)}")
     return results
@@ -412,14 +423,17 @@ def main() -> int:
     parser.add_argument(
         "--skip", default="", help="comma list of phases to skip: equiv,timing,hf,tserve,ours,fused"
     )
-    parser.add_argument("--with-fused", action="store_true", help="also run --model-impl fused at c64")
+    parser.add_argument(
+        "--variants", action="store_true", help="also: c64 with a 1 ms switch interval, fused"
+    )
     parser.add_argument(
         "--budget-s", type=float, default=540.0, help="skip phases that would start after this"
     )
     args = parser.parse_args()
+    DEADLINE[0] = T0 + args.budget_s + 40.0
     skip = set(filter(None, args.skip.split(",")))
-    if not args.with_fused:
-        skip.add("fused")
+    if not args.variants:
+        skip.update({"fused", "ours_si"})
     args.out.mkdir(parents=True, exist_ok=True)
     shape = SMOKE if args.smoke else QWEN2_05B
     new_tokens = 16 if args.smoke else OUTPUT_TOKENS
@@ -465,8 +479,6 @@ def main() -> int:
     phase("equiv:float32", equivalence, args.model_dir, args.device, "float32", 8 if args.smoke else 48)
     phase("equiv:bfloat16", equivalence, args.model_dir, args.device, "bfloat16", 8 if args.smoke else 48)
     phase("timing", backend_timings, args.model_dir, args.device, 64, 5 if args.smoke else 50)
-    phase("hf:b1", hf_generate, args.model_dir, args.device, 1, new_tokens)
-    phase("hf:b64", hf_generate, args.model_dir, args.device, 64, new_tokens)
 
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
@@ -485,16 +497,18 @@ def main() -> int:
     if args.smoke:
         # On a CPU, continuous batching sizes its paged cache from the host's free memory: keep it small.
         tserve += ["--cb-num-blocks", "64", "--cb-max-batch-tokens", "512"]
-    phase(
-        "tserve",
-        serve_and_load,
-        "tserve", tserve, 18801, args.out, env, model_dir, words, False,
-        [(1, c1_theirs), (64, c64_theirs)], 300.0,
-    )  # fmt: skip
 
-    def worker_argv(impl: str, port: int) -> list[str]:
+    def worker_argv(impl: str, port: int, switch_interval_s: float | None = None) -> list[str]:
+        if switch_interval_s is None:
+            launcher = ["-m", "llmstack.workers.lightweight"]
+        else:
+            launcher = [
+                "-c",
+                f"import runpy, sys; sys.setswitchinterval({switch_interval_s}); "
+                "runpy.run_module('llmstack.workers.lightweight', run_name='__main__')",
+            ]
         return [
-            sys.executable, "-m", "llmstack.workers.lightweight", "--model", model_dir,
+            sys.executable, *launcher, "--model", model_dir,
             "--served-model-name", SERVED_NAME, "--port", str(port), "--device", args.device,
             "--dtype", "bfloat16", "--model-impl", impl, "--max-batch-size", "64",
             "--max-model-len", str(PROMPT_TOKENS + OUTPUT_TOKENS), "--max-waiting-requests", "1024",
@@ -505,6 +519,20 @@ def main() -> int:
         serve_and_load,
         "ours", worker_argv("fast", 18802), 18802, args.out, env, SERVED_NAME, words, True,
         [(1, c1_ours), (64, c64_ours)], 300.0,
+    )  # fmt: skip
+    phase("hf:b64", hf_generate, args.model_dir, args.device, 64, new_tokens)
+    phase("hf:b1", hf_generate, args.model_dir, args.device, 1, new_tokens)
+    phase(
+        "tserve",
+        serve_and_load,
+        "tserve", tserve, 18801, args.out, env, model_dir, words, False,
+        [(1, c1_theirs), (64, c64_theirs)], 300.0,
+    )  # fmt: skip
+    phase(
+        "ours_si",
+        serve_and_load,
+        "ours_si", worker_argv("fast", 18804, 0.001), 18804, args.out, env, SERVED_NAME, words, True,
+        [(64, c64_ours)], 300.0,
     )  # fmt: skip
     phase(
         "fused",
@@ -526,19 +554,15 @@ def print_table(results: dict[str, Any]) -> None:
             node = node[key]
         return float(node)
 
+    hf = (tok_s("hf:b1", "tok_s"), tok_s("hf:b64", "tok_s"))
+    tserve = (tok_s("tserve", "c1", "tok_s"), tok_s("tserve", "c64", "tok_s"))
+    ours1, ours64 = tok_s("ours", "c1", "tok_s"), tok_s("ours", "c64", "tok_s")
     rows = [
-        ("HF generate, static batch", tok_s("hf:b1", "tok_s"), tok_s("hf:b64", "tok_s")),
-        (
-            "transformers serve --continuous-batching",
-            tok_s("tserve", "c1", "tok_s"),
-            tok_s("tserve", "c64", "tok_s"),
-        ),
+        ("HF generate, static batch", *hf),
+        ("transformers serve --continuous-batching", *tserve),
+        ("llmstack lightweight, model_impl=fast", ours1, ours64),
+        ("  the same, GIL switch interval 1 ms", None, tok_s("ours_si", "c64", "tok_s")),
         ("llmstack lightweight, model_impl=fused", None, tok_s("fused", "c64", "tok_s")),
-        (
-            "llmstack lightweight, model_impl=fast",
-            tok_s("ours", "c1", "tok_s"),
-            tok_s("ours", "c64", "tok_s"),
-        ),
     ]
     print()
     env = results["env"]
@@ -559,9 +583,8 @@ def print_table(results: dict[str, Any]) -> None:
     for name, c1, c64 in rows:
         fmt = lambda v: f"{v:,.0f}" if v is not None else "-"  # noqa: E731
         print(f"{name:44} {fmt(c1):>14} {fmt(c64):>15}")
-    ours1, ours64 = rows[3][1], rows[3][2]
     for label, base1, base64 in (
-        ("HF generate", rows[0][1], rows[0][2]),
+        ("HF generate", *hf),
         ("transformers serve", rows[1][1], rows[1][2]),
     ):
         r1 = f"{ours1 / base1:.1f}x" if ours1 and base1 else "-"

@@ -111,6 +111,16 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
+def late_share(errors: Errors, itl_ms: float) -> float:
+    """Share of tokens stamped half a token interval or more after they were sent.
+
+    With kernel receive stamps this happens only when the client read a socket so late that a later token
+    had arrived too: the kernel keeps one time per read, that of the newest data.
+    """
+    late = sum(1 for e in errors.receive_side if e >= itl_ms / 2)
+    return late / len(errors.receive_side) if errors.receive_side else float("nan")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=2, help="runs of each client, alternated")
@@ -163,6 +173,9 @@ def main() -> int:
                     f"rep {rep} {kind:5s} {len(errors.ttft_error)} requests ({errors.failed} failed, "
                     f"{errors.unparsed} unparsed), {rate:.0f} req/s: TTFT error "
                     f"p50 {pct(errors.ttft_error, 50):.3f} ms, p99 {pct(errors.ttft_error, 99):.3f} ms;"
+                    f" client TTFT p50 {pct(errors.client_ttft, 50):.1f} ms,"
+                    f" p99 {pct(errors.client_ttft, 99):.1f} ms;"
+                    f" tokens stamped >= half an interval late {late_share(errors, args.itl_ms):.2%};"
                     f" stub lateness p99 {pct(errors.stub_lateness, 99):.3f} ms",
                     flush=True,
                 )
@@ -193,6 +206,7 @@ def main() -> int:
             f"{pct(e.receive_side, 50):.3f} / {pct(e.receive_side, 99):.3f}")),
         ("ITL error p50 / p99 / max |·|", lambda e: (
             f"{pct(e.itl_error, 50):.3f} / {pct(e.itl_error, 99):.3f} / {max(map(abs, e.itl_error)):.3f}")),
+        (f"tokens stamped >= {args.itl_ms / 2:g} ms late", lambda e: f"{late_share(e, args.itl_ms):.2%}"),
         ("stub lateness p50 / p99 / max", lambda e: (
             f"{pct(e.stub_lateness, 50):.3f} / {pct(e.stub_lateness, 99):.3f} / {max(e.stub_lateness):.3f}")),
     ]  # fmt: skip

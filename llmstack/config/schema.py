@@ -169,6 +169,8 @@ class LightweightEngineConfig:
     api_key: Optional[str] = None
     # torch.set_num_threads in the worker; None: torch's default (all cores).
     torch_threads: Optional[int] = None
+    # The scheduler and model in their own process (no GIL shared with HTTP); false: a thread of the server.
+    model_process: bool = True
     log_level: str = "info"
     extra_args: list[str] = field(default_factory=list)
     extra_env: dict[str, str] = field(default_factory=dict)

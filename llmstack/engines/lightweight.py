@@ -153,6 +153,7 @@ class LightweightEngine:
             max_model_len=e.max_model_len,
             trust_remote_code=bool(e.trust_remote_code),
             torch_threads=e.torch_threads,
+            model_process=e.model_process,
             log_level=e.log_level,
         )
 

@@ -1,6 +1,6 @@
 """The HTTP API of our workers: OpenAI-compatible routes, ipex-llm's /generate routes, health and metrics.
 
-    GET  /health                 200 while the scheduler thread runs
+    GET  /health                 200 while the model loop runs
     GET  /v1/models              the served name
     GET  /metrics                Prometheus text
     GET  /info                   backend, device, dtype, low-bit format, module types of the loaded model
@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
@@ -42,9 +41,10 @@ from llmstack.workers.api_models import (
     TgiParameters,
 )
 from llmstack.workers.backends.base import BackendInfo
+from llmstack.workers.engine_client import EngineClient, EngineDied, Overloaded
 from llmstack.workers.metrics import CONTENT_TYPE, WorkerMetrics
 from llmstack.workers.sampling import SamplingParams
-from llmstack.workers.scheduler import GenerationRequest, Overloaded, Scheduler, Update
+from llmstack.workers.scheduler import Update
 from llmstack.workers.streams import EventStreamResponse, RequestStream
 
 logger = logging.getLogger(__name__)
@@ -81,11 +81,11 @@ def error_response(
 
 
 class Worker:
-    """Everything the routes need: the scheduler, the tokenizer and the served model's facts."""
+    """Everything the routes need: the model loop's client, the tokenizer and the served model's facts."""
 
     def __init__(
         self,
-        scheduler: Scheduler,
+        engine: EngineClient,
         tokenizer: Any,
         *,
         served_name: str,
@@ -95,7 +95,7 @@ class Worker:
         metrics: WorkerMetrics,
         api_key: str | None,
     ) -> None:
-        self.scheduler = scheduler
+        self.engine = engine
         self.tokenizer = tokenizer
         self.served_name = served_name
         self.model_path = model_path
@@ -226,15 +226,14 @@ class Worker:
         )
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, prefix: str) -> tuple[str, RequestStream]:
-        request_id = f"{prefix}-{os.urandom(12).hex()}"
-        stream = RequestStream(asyncio.get_running_loop())
         try:
-            self.scheduler.submit(GenerationRequest(request_id, prompt_ids, params, stream.put))
+            return self.engine.submit(prompt_ids, params, prefix)
         except Overloaded as exc:
             raise ApiError(
                 503, f"The server is overloaded: {exc}.", kind="server_error", code="overloaded"
             ) from exc
-        return request_id, stream
+        except EngineDied as exc:
+            raise ApiError(503, f"The model is not being served: {exc}.", kind="server_error") from exc
 
     async def collect(self, request_id: str, stream: RequestStream) -> tuple[str, Update, list[int]]:
         """Wait for the whole output: (text, final update, generated token ids)."""
@@ -252,7 +251,7 @@ class Worker:
                         return "".join(parts), update, ids
         finally:
             if not stream.finished:
-                self.scheduler.abort(request_id)
+                self.engine.abort(request_id)
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
         return {
@@ -350,7 +349,7 @@ async def openai_chunks(
                 yield "".join(parts)
     finally:
         if not stream.finished:
-            worker.scheduler.abort(request_id)
+            worker.engine.abort(request_id)
 
 
 async def ipex_chunks(
@@ -381,7 +380,7 @@ async def ipex_chunks(
                 yield "".join(parts)
     finally:
         if not stream.finished:
-            worker.scheduler.abort(request_id)
+            worker.engine.abort(request_id)
 
 
 # -- the app -----------------------------------------------------------------------------------------------
@@ -394,13 +393,13 @@ def build_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        worker.scheduler.start(asyncio.get_running_loop())
+        worker.engine.start(asyncio.get_running_loop())
         if on_startup:
             on_startup()
         try:
             yield
         finally:
-            worker.scheduler.stop()
+            worker.engine.stop()
             if on_shutdown:
                 on_shutdown()
 
@@ -426,8 +425,8 @@ def build_app(
 
     @app.get("/health")
     async def health() -> Response:
-        if not worker.scheduler.alive():
-            return error_response(503, "The scheduler thread is not running.", kind="server_error")
+        if not worker.engine.alive():
+            return error_response(503, "The model loop is not running.", kind="server_error")
         return Response(status_code=200)
 
     @app.get("/v1/models")
@@ -455,8 +454,8 @@ def build_app(
         data.update(
             served_model_name=worker.served_name,
             max_model_len=worker.max_model_len,
-            max_batch_size=worker.scheduler.max_batch_size,
-            scheduler=worker.scheduler.snapshot(),
+            max_batch_size=worker.engine.max_batch_size,
+            scheduler=worker.engine.snapshot(),
         )
         return JSONResponse(data)
 

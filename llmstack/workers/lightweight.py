@@ -2,9 +2,12 @@
 
     python -m llmstack.workers.lightweight --model DIR --served-model-name NAME [--backend ipex_llm ...]
 
-The model is loaded before the port opens, so a listening port means a loaded model (and the launcher's
-probe still waits for /health and /v1/models). SIGTERM or Ctrl-C stops uvicorn, then the scheduler
-thread. Flags: `llmstack.workers.protocol.WorkerOptions` (shared with the launcher, which renders them).
+Two processes by default: this one serves HTTP (FastAPI on uvicorn) and tokenizes prompts; a child
+(`engine_process.py`) loads the model and runs the scheduler. The model is loaded before the port opens,
+so a listening port means a loaded model (and the launcher's probe still waits for /health and
+/v1/models). SIGTERM or Ctrl-C stops uvicorn, which stops the model process; if the model process dies,
+open requests fail and the server exits with status 1, so the launcher sees it. Flags:
+`llmstack.workers.protocol.WorkerOptions` (shared with the launcher, which renders them).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from llmstack.workers.protocol import API_KEY_ENV, WorkerOptions
 
@@ -29,36 +33,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stdout,
     )
-    from llmstack.workers.backends import BackendError, load
+    from llmstack.workers.metrics import WorkerMetrics
 
+    metrics = WorkerMetrics(options.served_model_name)
     try:
-        loaded = load(options)
-    except BackendError as exc:
+        engine, tokenizer = _start_engine(options, metrics)
+    except Exception as exc:  # the model cannot be served as asked: one line, no traceback
         logger.error("cannot serve %s: %s", options.model, exc)
         return 2
 
     import uvicorn
 
     from llmstack.workers.api import Worker, build_app
-    from llmstack.workers.detokenizer import decoder_for
-    from llmstack.workers.metrics import WorkerMetrics
-    from llmstack.workers.scheduler import Scheduler
 
-    metrics = WorkerMetrics(options.served_model_name)
-    scheduler = Scheduler(
-        loaded.backend,
-        {skip: decoder_for(loaded.tokenizer, skip) for skip in (True, False)},
-        loaded.eos_token_ids,
-        max_waiting_requests=options.max_waiting_requests,
-        metrics=metrics,
-    )
     worker = Worker(
-        scheduler,
-        loaded.tokenizer,
+        engine,
+        tokenizer,
         served_name=options.served_model_name,
         model_path=options.model,
-        max_model_len=loaded.max_model_len,
-        info=loaded.backend.info(),
+        max_model_len=engine.max_model_len,
+        info=engine.facts.info,
         metrics=metrics,
         api_key=os.environ.get(API_KEY_ENV) or None,
     )
@@ -76,8 +70,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         access_log=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
-    uvicorn.Server(config).run()
-    return 0
+    server = uvicorn.Server(config)
+    if hasattr(engine, "on_death"):
+        engine.on_death = lambda: setattr(server, "should_exit", True)
+    server.run()
+    return 1 if getattr(engine, "died", False) else 0
+
+
+def _start_engine(options: WorkerOptions, metrics: Any) -> tuple[Any, Any]:
+    """The model loop's client (the model loaded) and this process's tokenizer."""
+    from llmstack.workers.engine_client import ModelProcess, ProcessEngine, ThreadEngine
+
+    if not options.model_process:
+        engine = ThreadEngine(options, metrics)
+        return engine, engine.tokenizer
+    model = ModelProcess(options)  # loads in the child while this process loads the tokenizer
+    try:
+        tokenizer = load_tokenizer(options)
+        facts = model.wait_ready()
+    except BaseException:
+        model.stop()
+        raise
+    engine = ProcessEngine(model, facts, max_waiting_requests=options.max_waiting_requests, metrics=metrics)
+    return engine, tokenizer
+
+
+def load_tokenizer(options: WorkerOptions) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(
+        options.tokenizer or options.model, trust_remote_code=options.trust_remote_code
+    )
 
 
 if __name__ == "__main__":

@@ -55,6 +55,8 @@ class WorkerOptions:
     trust_remote_code: bool = False
     # torch.set_num_threads; None keeps torch's default.
     torch_threads: int | None = None
+    # Run the scheduler and the model in a child process (no GIL shared with HTTP); False: a thread.
+    model_process: bool = True
     log_level: str = "info"
 
     def to_argv(self) -> list[str]:
@@ -74,6 +76,8 @@ class WorkerOptions:
             argv.append("--trust-remote-code")
         if self.torch_threads is not None:
             argv += ["--torch-threads", str(self.torch_threads)]
+        if not self.model_process:
+            argv.append("--model-in-thread")
         argv += ["--log-level", self.log_level]
         return argv
 
@@ -104,6 +108,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", dest="max_model_len", type=_positive, default=None)
     p.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true")
     p.add_argument("--torch-threads", dest="torch_threads", type=_positive, default=None)
+    p.add_argument("--model-in-thread", dest="model_process", action="store_false",
+                   help="run the scheduler and model in a thread of the server process, not a child process")
     p.add_argument(
         "--log-level", dest="log_level", default="info", choices=("debug", "info", "warning", "error")
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -21,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 
 class RequestStream:
-    __slots__ = ("_loop", "_updates", "_waiter", "closed", "finished")
+    __slots__ = ("_loop", "_updates", "_waiter", "arrival", "closed", "finished", "first_token_at")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -29,6 +30,9 @@ class RequestStream:
         self._waiter: asyncio.Future[None] | None = None
         self.finished = False  # a final update (finish_reason set) was put
         self.closed = False  # the client went away
+        # perf_counter() at submission, and when the first token was handed over (metrics).
+        self.arrival = time.perf_counter()
+        self.first_token_at: float | None = None
 
     def put(self, update: Update) -> None:
         if update.finish_reason is not None:

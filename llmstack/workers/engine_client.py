@@ -1,0 +1,296 @@
+"""The server process's side of the model loop: admission, per-request streams, metrics.
+
+Two ways to run the scheduler (`scheduler.Scheduler`), same interface here:
+
+  ProcessEngine (default)  the scheduler and the backend run in a child process (`engine_process.py`);
+                           requests go down a pipe, each iteration's updates come back up it and are read
+                           by the event loop (`add_reader`). The model never competes with HTTP for the
+                           GIL: with both in one process, every torch call releases and re-takes the GIL,
+                           and each re-take waits behind the event loop (measured: half the throughput of
+                           a small model on 2 cores).
+  ThreadEngine             the scheduler in a thread of this process; updates come in through
+                           `call_soon_threadsafe`. Simpler to debug; fine when the model step waits on a
+                           device (GIL released) rather than on Python.
+
+Metrics are kept here, from what clients are sent: TTFT is arrival at this process to the first token
+handed to the client's stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from llmstack.workers.backends.base import BackendInfo
+from llmstack.workers.metrics import WorkerMetrics
+from llmstack.workers.protocol import WorkerOptions
+from llmstack.workers.sampling import SamplingParams
+from llmstack.workers.scheduler import GenerationRequest, Scheduler, Update
+from llmstack.workers.streams import RequestStream
+
+logger = logging.getLogger(__name__)
+
+# Seconds to wait for the model process to load the model and say it is ready.
+LOAD_TIMEOUT_S = 3600.0
+
+
+class Overloaded(Exception):
+    """The running batch and the waiting queue are full."""
+
+
+class EngineDied(Exception):
+    """The model process exited."""
+
+
+@dataclass(frozen=True)
+class EngineFacts:
+    """What the model loop tells the front end once the model is loaded."""
+
+    max_batch_size: int
+    max_model_len: int
+    eos_token_ids: list[int]
+    info: BackendInfo
+
+
+class EngineClient:
+    """Admission and dispatch, shared by both ways of running the scheduler."""
+
+    def __init__(self, facts: EngineFacts, *, max_waiting_requests: int, metrics: WorkerMetrics) -> None:
+        self.facts = facts
+        self.max_batch_size = facts.max_batch_size
+        self.max_model_len = facts.max_model_len
+        self.max_waiting_requests = max_waiting_requests
+        self.metrics = metrics
+        self.running = 0
+        self.waiting = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._streams: dict[str, RequestStream] = {}
+        metrics.running = lambda: self.running
+        metrics.waiting = lambda: self.waiting
+
+    # -- used by the routes --------------------------------------------------------------------------------
+    def submit(self, prompt_ids: list[int], params: SamplingParams, prefix: str) -> tuple[str, RequestStream]:
+        if len(self._streams) >= self.max_batch_size + self.max_waiting_requests:
+            self.metrics.rejected += 1
+            raise Overloaded(
+                f"{len(self._streams)} requests are running or waiting (max_batch_size "
+                f"{self.max_batch_size} + max_waiting_requests {self.max_waiting_requests}); retry later"
+            )
+        if not self.alive():
+            raise EngineDied("the model loop is not running")
+        assert self._loop is not None
+        request_id = f"{prefix}-{os.urandom(12).hex()}"
+        stream = RequestStream(self._loop)
+        self._streams[request_id] = stream
+        self.metrics.prompt_tokens += len(prompt_ids)
+        self._send(GenerationRequest(request_id, prompt_ids, params))
+        return request_id, stream
+
+    def abort(self, request_id: str) -> None:
+        """The client went away before its request finished."""
+        if self._streams.pop(request_id, None) is None:
+            return
+        self.metrics.finished["abort"] += 1
+        self._send_abort(request_id)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"running": self.running, "waiting": self.waiting, "open_requests": len(self._streams)}
+
+    # -- for subclasses ----------------------------------------------------------------------------------
+    def _dispatch(self, updates: list[tuple[str, Update]], running: int, waiting: int) -> None:
+        """In the event loop: hand one iteration's updates to their streams."""
+        self.running, self.waiting = running, waiting
+        now = time.perf_counter()
+        metrics = self.metrics
+        for request_id, update in updates:
+            stream = self._streams.get(request_id)
+            if stream is None:  # aborted meanwhile
+                continue
+            if update.token_id >= 0:
+                metrics.generation_tokens += 1
+                if stream.first_token_at is None:
+                    stream.first_token_at = now
+                    metrics.ttft.observe(now - stream.arrival)
+            if update.finish_reason is not None:
+                del self._streams[request_id]
+                metrics.finished[update.finish_reason] = metrics.finished.get(update.finish_reason, 0) + 1
+                metrics.e2e.observe(now - stream.arrival)
+            stream.put(update)
+
+    def _fail_all(self, message: str) -> None:
+        for request_id, stream in list(self._streams.items()):
+            stream.put(Update("", 0, -1, "error", None, message))
+            self.metrics.finished["error"] += 1
+            del self._streams[request_id]
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def alive(self) -> bool:
+        raise NotImplementedError
+
+    def _send(self, request: GenerationRequest) -> None:
+        raise NotImplementedError
+
+    def _send_abort(self, request_id: str) -> None:
+        raise NotImplementedError
+
+
+class ThreadEngine(EngineClient):
+    def __init__(self, options: WorkerOptions, metrics: WorkerMetrics) -> None:
+        from llmstack.workers.backends import load
+        from llmstack.workers.detokenizer import decoder_for
+
+        loaded = load(options)
+        self.tokenizer = loaded.tokenizer
+        self.scheduler = Scheduler(
+            loaded.backend,
+            {skip: decoder_for(loaded.tokenizer, skip) for skip in (True, False)},
+            loaded.eos_token_ids,
+            publish=self._publish,
+        )
+        facts = EngineFacts(options.max_batch_size, loaded.max_model_len, loaded.eos_token_ids,
+                            loaded.backend.info())  # fmt: skip
+        super().__init__(facts, max_waiting_requests=options.max_waiting_requests, metrics=metrics)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = self.scheduler.start()
+
+    def stop(self) -> None:
+        self.scheduler.stop()
+
+    def alive(self) -> bool:
+        return self._loop is not None and self._thread.is_alive()
+
+    def _publish(self, updates: list[tuple[str, Update]], running: int, waiting: int) -> None:
+        # In the scheduler thread. RuntimeError: the loop closed under us, the server is going down.
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._dispatch, updates, running, waiting)
+
+    def _send(self, request: GenerationRequest) -> None:
+        self.scheduler.submit(request)
+
+    def _send_abort(self, request_id: str) -> None:
+        self.scheduler.abort(request_id)
+
+
+class ModelProcess:
+    """The child process that loads the model and runs the scheduler (multiprocessing, spawn)."""
+
+    def __init__(self, options: WorkerOptions) -> None:
+        import multiprocessing
+
+        from llmstack.workers import engine_process
+
+        context = multiprocessing.get_context("spawn")
+        self.conn, child_conn = context.Pipe(duplex=True)
+        self.process = context.Process(
+            target=engine_process.main, args=(child_conn, options), name="llmstack-model", daemon=True
+        )
+        self.process.start()
+        child_conn.close()
+
+    def wait_ready(self, timeout_s: float = LOAD_TIMEOUT_S) -> EngineFacts:
+        """Block until the model is loaded; RuntimeError with the reason if it could not be."""
+        deadline = time.monotonic() + timeout_s
+        while not self.conn.poll(0.5):
+            if not self.process.is_alive():
+                raise RuntimeError(
+                    f"the model process exited with status {self.process.exitcode} while loading"
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the model was not loaded after {timeout_s:.0f} s")
+        kind, payload = self.conn.recv()
+        if kind == "error":
+            self.process.join(10)
+            raise RuntimeError(payload)
+        assert kind == "ready", kind
+        return payload
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.conn.send(("stop", None))
+        self.process.join(10)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)
+
+
+class ProcessEngine(EngineClient):
+    """The model loop in a child process, talking over a pipe."""
+
+    def __init__(self, model: ModelProcess, facts: EngineFacts, *, max_waiting_requests: int,
+                 metrics: WorkerMetrics) -> None:  # fmt: skip
+        super().__init__(facts, max_waiting_requests=max_waiting_requests, metrics=metrics)
+        self._model = model
+        self._conn = model.conn
+        self._dead = False
+        self._stopping = False
+        # Called (in the event loop) when the model process dies while serving.
+        self.on_death: Callable[[], None] | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        loop.add_reader(self._conn.fileno(), self._on_readable)
+
+    def stop(self) -> None:
+        self._stopping = True
+        if self._loop is not None and not self._dead:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._conn.fileno())
+        self._model.stop()
+
+    def alive(self) -> bool:
+        return not self._dead and self._model.process.is_alive()
+
+    @property
+    def died(self) -> bool:
+        """The model process exited while serving (not because the server stopped it)."""
+        return self._dead and not self._stopping
+
+    def _on_readable(self) -> None:
+        try:
+            while self._conn.poll():
+                _, updates, running, waiting = self._conn.recv()
+                self._dispatch(updates, running, waiting)
+        except (EOFError, OSError) as exc:
+            self._engine_died(exc)
+
+    def _engine_died(self, exc: BaseException) -> None:
+        if self._dead:
+            return
+        self._dead = True
+        if self._loop is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._conn.fileno())
+        if self._stopping:
+            return
+        self._model.process.join(1)
+        message = f"the model process exited (status {self._model.process.exitcode})"
+        logger.error("%s: failing %d open requests and stopping the server", message, len(self._streams))
+        self._fail_all(message)
+        if self.on_death is not None:
+            self.on_death()
+
+    def _send(self, request: GenerationRequest) -> None:
+        try:
+            self._conn.send(("add", request))
+        except OSError as exc:
+            self._streams.pop(request.request_id, None)
+            self._engine_died(exc)
+            raise EngineDied("the model process is gone") from exc
+
+    def _send_abort(self, request_id: str) -> None:
+        with contextlib.suppress(OSError):
+            self._conn.send(("abort", request_id))

@@ -1,0 +1,91 @@
+"""The model process: loads the model, runs the scheduler, talks to the server process over a pipe.
+
+Messages (pickled tuples on a multiprocessing Pipe):
+  server -> model   ("add", GenerationRequest)  ("abort", request_id)  ("stop", None)
+  model -> server   ("ready", EngineFacts) or ("error", message), once, after loading;
+                    ("updates", [(request_id, Update), ...], running, waiting), once per iteration.
+
+A reader thread takes the server's messages (blocked in recv, it holds no GIL); the main thread runs the
+scheduler. The process leaves when told to stop, when the pipe closes (the server process is gone), or, as
+a last resort, by SIGKILL from the kernel when its parent dies. It ignores SIGINT and SIGTERM: the server
+process decides when the model loop ends, so that it can finish its streams first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import signal
+import sys
+import threading
+from typing import Any
+
+from llmstack.workers.protocol import WorkerOptions
+
+logger = logging.getLogger("llmstack.workers.model_process")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def main(conn: Any, options: WorkerOptions) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    logging.basicConfig(
+        level=options.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stdout,
+    )
+    from llmstack.workers.backends import BackendError, load
+    from llmstack.workers.detokenizer import decoder_for
+    from llmstack.workers.engine_client import EngineFacts
+    from llmstack.workers.scheduler import Scheduler
+
+    try:
+        loaded = load(options)
+    except BackendError as exc:
+        conn.send(("error", str(exc)))
+        return
+    except Exception as exc:
+        logger.exception("loading the model failed")
+        conn.send(("error", f"loading the model failed: {type(exc).__name__}: {exc}"))
+        return
+
+    def publish(updates: list, running: int, waiting: int) -> None:
+        conn.send(("updates", updates, running, waiting))
+
+    scheduler = Scheduler(
+        loaded.backend,
+        {skip: decoder_for(loaded.tokenizer, skip) for skip in (True, False)},
+        loaded.eos_token_ids,
+        publish=publish,
+    )
+    facts = EngineFacts(
+        options.max_batch_size, loaded.max_model_len, loaded.eos_token_ids, loaded.backend.info()
+    )
+    conn.send(("ready", facts))
+    reader = threading.Thread(target=_read, args=(conn, scheduler), name="llmstack-model-inbox", daemon=True)
+    reader.start()
+    try:
+        scheduler.run()
+    except (BrokenPipeError, EOFError, OSError):
+        logger.info("the server process is gone; the model process stops")
+
+
+def _read(conn: Any, scheduler: Any) -> None:
+    while True:
+        try:
+            kind, payload = conn.recv()
+        except (EOFError, OSError):
+            scheduler.stop()
+            return
+        if kind == "add":
+            scheduler.submit(payload)
+        elif kind == "abort":
+            scheduler.abort(payload)
+        elif kind == "stop":
+            scheduler.stop()
+            return
