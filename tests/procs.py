@@ -34,13 +34,9 @@ def wait_no_processes(marker: str, timeout: float = 30.0) -> list[int]:
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
+    from llmstack.config.validate import port_is_free as free_for_servers
+
+    return free_for_servers(host, port)
 
 
 def free_port() -> int:

@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import dataclasses
+import sys
+from typing import Any, Protocol, TypeVar
 
 from llmstack.config.schema import LowBitConfig, RunConfig
 from llmstack.engines.plan import LaunchPlan
 from llmstack.errors import ConfigError
+
+# Which environment variable picks the cards an engine sees, per device kind.
+DEVICE_SELECTOR_ENV = {"cuda": "CUDA_VISIBLE_DEVICES", "xpu": "ZE_AFFINITY_MASK"}
+
+ServerEngineConfig = TypeVar("ServerEngineConfig")
+
+
+def with_server_defaults(engine_cfg: ServerEngineConfig, run: RunConfig) -> ServerEngineConfig:
+    """Fill what every OpenAI-server engine leaves to llmstack: interpreter, served name, context length and
+    trust_remote_code, from the running interpreter and the model."""
+    e: Any = engine_cfg
+    return dataclasses.replace(
+        e,
+        python=e.python or sys.executable,
+        served_model_name=e.served_model_name or run.model.served_name,
+        max_model_len=e.max_model_len or run.model.max_model_len,
+        trust_remote_code=run.model.trust_remote_code if e.trust_remote_code is None else e.trust_remote_code,
+    )
 
 
 class Engine(Protocol):

@@ -7,11 +7,10 @@ the backend can run the asked format on the asked device.
 
 from __future__ import annotations
 
-import dataclasses
-import sys
 from pathlib import Path
 
 from llmstack.config.schema import LightweightEngineConfig, LowBitConfig, RunConfig
+from llmstack.engines.base import DEVICE_SELECTOR_ENV, with_server_defaults
 from llmstack.engines.plan import LaunchPlan, ReadyProbe
 from llmstack.errors import ConfigError
 from llmstack.workers.protocol import (
@@ -29,7 +28,6 @@ TRANSFORMERS_LOW_BITS = {"none": None, "fp16": "float16", "bf16": "bfloat16"}
 # ipex-llm's lightweight serving defaults to --low-bit sym_int4.
 IPEX_DEFAULT_LOW_BIT = "sym_int4"
 LOG_LEVELS = ("debug", "info", "warning", "error")
-DEVICE_SELECTOR_ENV = {"cuda": "CUDA_VISIBLE_DEVICES", "xpu": "ZE_AFFINITY_MASK"}
 # The checkout that holds this launcher: the worker runs from the same code, whatever the interpreter.
 SOURCE_ROOT = str(Path(__file__).resolve().parent.parent.parent)
 
@@ -41,16 +39,7 @@ class LightweightEngine:
         return IPEX_DEFAULT_LOW_BIT if engine_cfg.backend == "ipex_llm" else "none"
 
     def resolve(self, run: RunConfig) -> LightweightEngineConfig:
-        e: LightweightEngineConfig = run.engine
-        return dataclasses.replace(
-            e,
-            python=e.python or sys.executable,
-            served_model_name=e.served_model_name or run.model.served_name,
-            max_model_len=e.max_model_len or run.model.max_model_len,
-            trust_remote_code=run.model.trust_remote_code
-            if e.trust_remote_code is None
-            else e.trust_remote_code,
-        )
+        return with_server_defaults(run.engine, run)
 
     def low_bit_problem(self, run: RunConfig, low_bit: LowBitConfig) -> str | None:
         device = run.device.name

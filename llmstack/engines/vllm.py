@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
-import sys
-
 from llmstack.config.schema import LowBitConfig, RunConfig, VllmEngineConfig
+from llmstack.engines.base import DEVICE_SELECTOR_ENV, with_server_defaults
 from llmstack.engines.plan import LaunchPlan, ReadyProbe
 from llmstack.errors import ConfigError
 
@@ -18,7 +16,6 @@ FLAVOUR_DEVICES = {"upstream": ("cpu", "cuda", "xpu"), "ipex": ("xpu",)}
 IPEX_DEFAULT_LOW_BIT = "fp8"
 BLOCK_SIZES = (1, 8, 16, 32, 64, 128)
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
-DEVICE_SELECTOR_ENV = {"cuda": "CUDA_VISIBLE_DEVICES", "xpu": "ZE_AFFINITY_MASK"}
 
 
 class VllmEngine:
@@ -28,16 +25,7 @@ class VllmEngine:
         return IPEX_DEFAULT_LOW_BIT if engine_cfg.flavour == "ipex" else "none"
 
     def resolve(self, run: RunConfig) -> VllmEngineConfig:
-        e: VllmEngineConfig = run.engine
-        return dataclasses.replace(
-            e,
-            python=e.python or sys.executable,
-            served_model_name=e.served_model_name or run.model.served_name,
-            max_model_len=e.max_model_len or run.model.max_model_len,
-            trust_remote_code=run.model.trust_remote_code
-            if e.trust_remote_code is None
-            else e.trust_remote_code,
-        )
+        return with_server_defaults(run.engine, run)
 
     def low_bit_problem(self, run: RunConfig, low_bit: LowBitConfig) -> str | None:
         device = run.device.name
