@@ -3,14 +3,16 @@
 Targets (issue 6): output tokens/s at concurrency 16 >= 6x concurrency 1; at concurrency 16 >= 0.5x vLLM's.
 Load (the same for every server): streamed completions from llmstack's load generator (`run_load_sync`),
 128-token prompts made with the model's tokenizer, 128 output tokens (max_tokens = min_tokens = 128,
-ignore_eos, temperature 0), closed loop; output tokens counted from each response's `usage`. Each server
-is started through llmstack's supervisor from the composed config (`engine=lightweight` or
-`profile=cpu` for vLLM), warmed up with one round at the highest concurrency, then measured level by level;
-the servers run one after the other, in --order, for --rounds rounds (ratios are taken per round, so a
-noisy minute hits both sides of a ratio alike only when rounds interleave: use --rounds 2 or more).
+ignore_eos, temperature 0), closed loop; output tokens are counted from each response's `usage` (and must
+be exactly 128 per request). Each server is started through llmstack's supervisor from the composed config
+(`engine=lightweight`; `profile=cpu` for vLLM), warmed up with one load at the highest concurrency, then
+measured --repeats times per level with the levels interleaved (c1, c16, c1, c16, ...); a level's figure
+is the median run. Servers run one after the other (--servers order), --rounds times over; ratios are
+taken within a round and their median over rounds is printed last. On a shared machine the spread between
+runs is large: read the per-run lines too.
 
-    flock /tmp/llmstack-heavy.lock .venv/bin/python benchmarks/lightweight_cpu.py
-    .venv/bin/python benchmarks/lightweight_cpu.py --servers lightweight --levels 1,16   # ours only
+    flock /tmp/llmstack-heavy.lock .venv/bin/python benchmarks/lightweight_cpu.py --rounds 2
+    .venv/bin/python benchmarks/lightweight_cpu.py --servers lightweight,lightweight-thread   # ours only
 """
 
 from __future__ import annotations
@@ -42,7 +44,12 @@ from tests.procs import free_port  # noqa: E402
 
 SERVERS = {
     "lightweight": ["engine=lightweight", "device=cpu"],
+    # The same worker with the model loop in a thread of the HTTP process (engine.model_process=false).
+    "lightweight-thread": ["engine=lightweight", "device=cpu", "engine.model_process=false"],
     "vllm": ["profile=cpu"],
+    # vLLM's dtype auto is bfloat16 on CPU; this box has no AVX512-BF16, and our worker serves the tiny
+    # model's own float32: this variant compares the same arithmetic.
+    "vllm-fp32": ["profile=cpu", "engine.dtype=float32"],
 }
 
 
@@ -103,6 +110,11 @@ def measure(base_url: str, requests: list[dict[str, Any]], concurrency: int) -> 
     }
 
 
+def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
+    """The run with the median throughput (its own latencies kept with it)."""
+    return sorted(runs, key=lambda f: f["output_tok_s"])[len(runs) // 2]
+
+
 def describe(f: dict[str, float]) -> str:
     return (
         f"{f['output_tok_s']:8.0f} out tok/s   ttft {f['mean_ttft_ms']:7.1f} ms   "
@@ -116,14 +128,17 @@ def main() -> int:
     )
     parser.add_argument("--servers", default="lightweight,vllm", help="comma-separated, run in this order")
     parser.add_argument("--levels", default="1,16")
-    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=1, help="start every server this many times, in turn")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="measurements per level and server start (median)"
+    )
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     # Requests per level: enough for several seconds of steady state at each level.
     parser.add_argument(
         "--requests-per-slot", type=int, default=4, help="requests = max(16, this x concurrency)"
     )
-    parser.add_argument("--lightweight", default="", help="extra overrides for our worker, space-separated")
+    parser.add_argument("--lightweight", default="", help="extra overrides for our workers, space-separated")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = parser.parse_args()
 
@@ -134,7 +149,7 @@ def main() -> int:
     requests = payloads(model_dir, count, args.input_len, args.output_len, seed=0)
     log_dir = Path("/tmp/llmstack-lightweight-bench")
     log_dir.mkdir(exist_ok=True)
-    extra = {"lightweight": args.lightweight.split(), "vllm": []}
+    extra = {name: args.lightweight.split() if name.startswith("lightweight") else [] for name in SERVERS}
 
     rounds: list[dict[str, dict[int, dict[str, float]]]] = []
     for r in range(args.rounds):
@@ -144,11 +159,13 @@ def main() -> int:
             with serving(name, extra[name], log_dir) as base_url:
                 top = max(levels)
                 measure(base_url, requests[:top], top)  # warm-up, not recorded
-                figures[name] = {}
-                for c in levels:
-                    n = max(16, args.requests_per_slot * c)
-                    figures[name][c] = measure(base_url, requests[:n], c)
-                    print(f"    c{c:<3} {describe(figures[name][c])}", flush=True)
+                runs: dict[int, list[dict[str, float]]] = {c: [] for c in levels}
+                for _ in range(args.repeats):  # levels interleaved, so a busy minute hits each alike
+                    for c in levels:
+                        n = max(16, args.requests_per_slot * c)
+                        runs[c].append(measure(base_url, requests[:n], c))
+                        print(f"    c{c:<3} {describe(runs[c][-1])}", flush=True)
+                figures[name] = {c: median_run(runs[c]) for c in levels}
             time.sleep(2)  # let the port and the CPU settle
         rounds.append(figures)
 
@@ -159,22 +176,22 @@ def main() -> int:
         for name, by_level in figures.items():
             line += [f"{name} c{c}={f['output_tok_s']:.0f}" for c, f in by_level.items()]
         print("  " + "  ".join(line))
-        ours = figures.get("lightweight")
-        if ours and 1 in ours and 16 in ours:
-            ratios.setdefault("lightweight c16 / c1 (target >= 6)", []).append(
-                ours[16]["output_tok_s"] / ours[1]["output_tok_s"]
-            )
-        if ours and "vllm" in figures:
-            for c in levels:
-                ratios.setdefault(
-                    f"lightweight / vLLM at c{c}" + (" (target >= 0.5)" if c == 16 else ""), []
-                ).append(ours[c]["output_tok_s"] / figures["vllm"][c]["output_tok_s"])
-        vllm = figures.get("vllm")
-        if vllm and 1 in vllm and 16 in vllm:
-            ratios.setdefault("vLLM c16 / c1", []).append(vllm[16]["output_tok_s"] / vllm[1]["output_tok_s"])
+        for name, by_level in figures.items():
+            if 1 in by_level and 16 in by_level:
+                target = " (target >= 6)" if name == "lightweight" else ""
+                ratios.setdefault(f"{name} c16 / c1{target}", []).append(
+                    by_level[16]["output_tok_s"] / by_level[1]["output_tok_s"]
+                )
+            for other in ("vllm", "vllm-fp32"):
+                if name.startswith("lightweight") and other in figures:
+                    for c in levels:
+                        target = " (target >= 0.5)" if c == 16 and name == "lightweight" else ""
+                        ratios.setdefault(f"{name} / {other} at c{c}{target}", []).append(
+                            by_level[c]["output_tok_s"] / figures[other][c]["output_tok_s"]
+                        )
     for label, values in ratios.items():
         shown = ", ".join(f"{v:.2f}" for v in values)
-        print(f"  {label:<40} {statistics.median(values):6.2f}   ({shown})")
+        print(f"  {label:<48} {statistics.median(values):6.2f}   ({shown})")
     if args.out:
         args.out.write_text(json.dumps({"rounds": rounds, "ratios": ratios, "args": vars(args)}, default=str,
                                        indent=2))  # fmt: skip

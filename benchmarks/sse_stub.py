@@ -16,8 +16,9 @@ One thread, one hand-written epoll loop, no framework: the stub must never be wh
   `time.perf_counter()` there), taken just before the send.
 
 The stub asks for SCHED_FIFO (`--realtime`, on by default, silently skipped where not permitted) and 1 ns
-timer slack, so that other processes on a shared machine neither delay its sends nor its wake-ups; it only
-spends CPU on real work, so it stays far below the kernel's real-time throttling limit (95 %).
+timer slack, so that other processes on a shared machine neither delay its sends nor its wake-ups. It never
+spins: it uses CPU only for real work. In timed mode that is a fraction of a core; in capacity mode a fast
+enough client can drive it towards 100 %, which is why the benchmarks print its CPU share for every run.
 
 Anything else (GET /metrics, POST /tokenize, ...) gets 404. On SIGTERM/SIGINT the stub prints one JSON line
 of statistics and exits.

@@ -79,7 +79,7 @@ def test_generation_and_streaming(ipex_worker: Worker) -> None:
                                      extra_body={"ignore_eos": True})  # fmt: skip
     assert done.usage.completion_tokens == 16 and done.choices[0].text
     stream = client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=10, stream=True,
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=10, stream=True, temperature=0,
         stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
     )  # fmt: skip
     chunks = list(stream)

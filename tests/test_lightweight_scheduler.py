@@ -1,12 +1,13 @@
-"""The scheduler with the real tiny model in process: batching, stop conditions, queue limits, aborts.
+"""The scheduler with the real tiny model in process: batching, stop conditions, sampling, aborts.
 
-No HTTP here (test_lightweight_integration.py covers it): requests go straight to `Scheduler.submit`, and an
-asyncio loop in this thread receives the updates, as the server's event loop does. About 10 s.
+No HTTP here (test_lightweight_integration.py covers it): requests go straight to `Scheduler.submit`, and the
+scheduler runs in a thread and publishes its updates to the test. Both model implementations (fused,
+generic) run every test. About 10 s.
 """
 
 from __future__ import annotations
 
-import asyncio
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -18,10 +19,9 @@ pytest.importorskip("transformers")
 from llmstack.models.tiny import ensure_tiny_model  # noqa: E402
 from llmstack.workers.backends import LoadedModel, load  # noqa: E402
 from llmstack.workers.detokenizer import decoder_for  # noqa: E402
-from llmstack.workers.metrics import WorkerMetrics  # noqa: E402
 from llmstack.workers.protocol import WorkerOptions  # noqa: E402
 from llmstack.workers.sampling import SamplingParams  # noqa: E402
-from llmstack.workers.scheduler import GenerationRequest, Overloaded, Scheduler, Update  # noqa: E402
+from llmstack.workers.scheduler import GenerationRequest, Scheduler, Update  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -70,44 +70,53 @@ def run(
     jobs: list[tuple[list[int], SamplingParams]],
     *,
     eos: list[int] | None = None,
-    max_waiting: int = 64,
-    during: Callable[[Scheduler, list[str]], None] | None = None,
-) -> tuple[list[Outcome], Scheduler]:
-    """Submit every job at once; return each one's updates once all have finished."""
+    during: Callable[[Scheduler, list[str], set[str]], None] | None = None,
+) -> tuple[list[Outcome], Scheduler, list[tuple[int, int]]]:
+    """Submit every job at once; return each one's updates, and the published (running, waiting) counts.
+
+    `during(scheduler, ids, pending)` runs right after the submissions; a request it aborts must be taken
+    out of `pending` (an aborted request gets no final update).
+    """
+    ids = [f"r{i}" for i in range(len(jobs))]
+    outcomes = {request_id: Outcome() for request_id in ids}
+    pending = set(ids)
+    counts: list[tuple[int, int]] = []
+    finished = threading.Event()
+    lock = threading.Lock()
+
+    def publish(updates: list[tuple[str, Update]], running: int, waiting: int) -> None:
+        with lock:
+            for request_id, update in updates:
+                outcomes[request_id].updates.append(update)
+                if update.finish_reason is not None:
+                    pending.discard(request_id)
+            counts.append((running, waiting))
+            if not pending:
+                finished.set()
+
     scheduler = Scheduler(
         loaded.backend,
         {skip: decoder_for(loaded.tokenizer, skip) for skip in (True, False)},
         loaded.eos_token_ids if eos is None else eos,
-        max_waiting_requests=max_waiting,
-        metrics=WorkerMetrics("tiny"),
+        publish=publish,
     )
-    outcomes = [Outcome() for _ in jobs]
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        done = [loop.create_future() for _ in jobs]
-
-        def sink(i: int) -> Callable[[Update], None]:
-            def deliver(update: Update) -> None:
-                outcomes[i].updates.append(update)
-                if update.finish_reason is not None and not done[i].done():
-                    done[i].set_result(None)
-
-            return deliver
-
-        scheduler.start(loop)
-        try:
-            ids = [f"r{i}" for i in range(len(jobs))]
-            for i, (prompt, params) in enumerate(jobs):
-                scheduler.submit(GenerationRequest(ids[i], prompt, params, sink(i)))
-            if during is not None:
-                during(scheduler, ids)
-            await asyncio.wait_for(asyncio.gather(*done), timeout=120)
-        finally:
-            scheduler.stop()
-
-    asyncio.run(main())
-    return outcomes, scheduler
+    scheduler.start()
+    try:
+        for request_id, (prompt_ids, params) in zip(ids, jobs, strict=True):
+            scheduler.submit(GenerationRequest(request_id, prompt_ids, params))
+        if during is not None:
+            with lock:
+                during(scheduler, ids, pending)
+                if not pending:
+                    finished.set()
+        assert finished.wait(120), f"requests never finished: {sorted(pending)}"
+        for _ in range(100):  # the scheduler publishes its counts once it is idle
+            if counts and counts[-1] == (0, 0):
+                break
+            finished.wait(0.05)
+    finally:
+        scheduler.stop()
+    return [outcomes[request_id] for request_id in ids], scheduler, counts
 
 
 def prompt(seed: int, length: int) -> list[int]:
@@ -124,14 +133,15 @@ def generate(reference: torch.nn.Module, ids: list[int], new_tokens: int) -> lis
 def test_more_requests_than_slots_all_match_generate(loaded: LoadedModel, reference: torch.nn.Module) -> None:
     # Six greedy requests, four slots: two wait, then join as others leave (different max_tokens).
     jobs = [(prompt(i, 5 + 7 * i), SamplingParams(max_tokens=8 + 5 * i, temperature=0.0)) for i in range(6)]
-    outcomes, scheduler = run(loaded, jobs)
+    outcomes, _, counts = run(loaded, jobs)
     for (ids, params), outcome in zip(jobs, outcomes, strict=True):
         want = generate(reference, ids, params.max_tokens)
         assert outcome.tokens == want
         assert outcome.final.finish_reason == ("stop" if want[-1] in loaded.eos_token_ids else "length")
         assert outcome.final.completion_tokens == len(want)
-    assert scheduler.snapshot()["running"] == 0
-    assert scheduler.metrics.finished["length"] + scheduler.metrics.finished["stop"] == 6
+    assert max(running for running, _ in counts) == 4, "the batch never filled its four slots"
+    assert any(waiting > 0 for _, waiting in counts), "no request ever waited for a slot"
+    assert counts[-1] == (0, 0)
 
 
 def test_eos_stops_unless_ignored_and_min_tokens_masks_it(
@@ -173,7 +183,7 @@ def test_stop_token_ids_and_stop_strings(loaded: LoadedModel, reference: torch.n
 
 def test_the_context_limit_ends_with_length(loaded: LoadedModel) -> None:
     ids = prompt(13, MAX_MODEL_LEN - 4)
-    (outcome,), _ = run(loaded, [(ids, SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True))])
+    (outcome,), _, _ = run(loaded, [(ids, SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True))])
     assert outcome.final.finish_reason == "length" and len(outcome.tokens) == 4
 
 
@@ -186,56 +196,20 @@ def test_seeded_sampling_repeats(loaded: LoadedModel) -> None:
     assert first.tokens != third.tokens
 
 
-def test_full_queue_is_refused_and_abort_frees_the_slot() -> None:
+def test_aborted_requests_free_their_slot() -> None:
     loaded = load_tiny("auto", max_batch_size=1)
     long = SamplingParams(max_tokens=MAX_MODEL_LEN - 8, temperature=0.0, ignore_eos=True)
-    refused: list[Exception] = []
+    short = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
 
-    def overfill(scheduler: Scheduler, ids: list[str]) -> None:
-        try:
-            scheduler.submit(GenerationRequest("extra", prompt(1, 4), long, lambda update: None))
-        except Overloaded as exc:
-            refused.append(exc)
-        scheduler.abort(ids[0])  # running
-        scheduler.abort(ids[1])  # waiting
+    def abort_two(scheduler: Scheduler, ids: list[str], pending: set[str]) -> None:
+        scheduler.abort(ids[0])  # running (or about to be)
+        scheduler.abort(ids[1])  # waiting behind it
+        pending -= {ids[0], ids[1]}
 
-    jobs = [(prompt(2, 4), long), (prompt(3, 4), long)]
-    outcomes, scheduler = run_with_aborts(loaded, jobs, overfill)
-    assert refused and "max_batch_size 1 + max_waiting_requests 1" in str(refused[0])
-    assert scheduler.metrics.finished["abort"] == 2 and scheduler.metrics.rejected == 1
-    assert scheduler.snapshot() == {"running": 0, "waiting": 0, "steps": scheduler.steps}
-    assert len(outcomes[0].tokens) < long.max_tokens
-
-
-def run_with_aborts(
-    loaded: LoadedModel,
-    jobs: list[tuple[list[int], SamplingParams]],
-    during: Callable[[Scheduler, list[str]], None],
-) -> tuple[list[Outcome], Scheduler]:
-    """As run(), for aborted requests (they get no final update): wait until the scheduler is idle."""
-    scheduler = Scheduler(
-        loaded.backend,
-        {skip: decoder_for(loaded.tokenizer, skip) for skip in (True, False)},
-        loaded.eos_token_ids,
-        max_waiting_requests=1,
-        metrics=WorkerMetrics("tiny"),
-    )
-    outcomes = [Outcome() for _ in jobs]
-
-    async def main() -> None:
-        scheduler.start(asyncio.get_running_loop())
-        try:
-            ids = [f"r{i}" for i in range(len(jobs))]
-            for i, (prompt_ids, params) in enumerate(jobs):
-                scheduler.submit(GenerationRequest(ids[i], prompt_ids, params, outcomes[i].updates.append))
-            await asyncio.sleep(0.05)
-            during(scheduler, ids)
-            for _ in range(200):
-                await asyncio.sleep(0.05)
-                if scheduler.snapshot()["running"] == 0 and scheduler.snapshot()["waiting"] == 0:
-                    break
-        finally:
-            scheduler.stop()
-
-    asyncio.run(main())
-    return outcomes, scheduler
+    jobs = [(prompt(2, 4), long), (prompt(3, 4), long), (prompt(4, 4), short)]
+    (first, second, third), scheduler, counts = run(loaded, jobs, during=abort_two)
+    # The one slot went to the third request, which ran to its end.
+    assert third.final.finish_reason == "length" and len(third.tokens) == 5
+    assert all(u.finish_reason is None for u in first.updates + second.updates)
+    assert len(first.tokens) < long.max_tokens and not second.tokens
+    assert counts[-1] == (0, 0) and scheduler.snapshot()["running"] == 0

@@ -79,7 +79,8 @@ def test_worker_options_round_trip() -> None:
     options = WorkerOptions(
         model="/m", served_model_name="m", tokenizer="/t", host="0.0.0.0", port=9, backend="ipex_llm",
         device="xpu", dtype="float16", low_bit="fp8", model_impl="generic", max_batch_size=3,
-        max_waiting_requests=0, max_model_len=77, trust_remote_code=True, torch_threads=2, log_level="debug",
+        max_waiting_requests=0, max_model_len=77, trust_remote_code=True, torch_threads=2,
+        model_process=False, log_level="debug",
     )  # fmt: skip
     assert WorkerOptions.parse(options.to_argv()) == options
 
@@ -271,3 +272,49 @@ def test_metrics_render_prometheus_text() -> None:
         assert line.startswith("#") or re.fullmatch(r"llmstack:[a-z0-9_]+\{[^}]*\} [0-9.e+\-Inf]+", line), (
             line
         )
+
+
+# -- admission and dispatch in the server process -----------------------------------------------------------
+def test_engine_client_admits_batch_plus_queue_and_counts_what_clients_get() -> None:
+    import asyncio
+
+    from llmstack.workers.backends.base import BackendInfo
+    from llmstack.workers.engine_client import EngineClient, EngineFacts, Overloaded
+    from llmstack.workers.scheduler import Update
+
+    sent: list[str] = []
+    aborted: list[str] = []
+
+    class Recording(EngineClient):  # the model loop's end of the pipe, recorded
+        def alive(self) -> bool:
+            return True
+
+        def _send(self, request) -> None:
+            sent.append(request.request_id)
+
+        def _send_abort(self, request_id: str) -> None:
+            aborted.append(request_id)
+
+    facts = EngineFacts(1, 64, [2], BackendInfo("transformers", "fused", "cpu", "float32", None, "llama"))
+
+    async def main() -> WorkerMetrics:
+        client = Recording(facts, max_waiting_requests=1, metrics=WorkerMetrics("tiny"))
+        client._loop = asyncio.get_running_loop()
+        first, first_stream = client.submit([1, 2, 3], SamplingParams(4), "cmpl")
+        second, _ = client.submit([1, 2], SamplingParams(4), "cmpl")
+        with pytest.raises(Overloaded, match="max_batch_size 1 \\+ max_waiting_requests 1"):
+            client.submit([1], SamplingParams(4), "cmpl")
+        client._dispatch([(first, Update("a", 1, 7)), (first, Update("b", 2, 8, "length"))], 1, 1)
+        assert [u.text for u in await first_stream.next_batch()] == ["a", "b"]
+        client.abort(second)
+        client.abort(second)  # twice: counted once
+        third, _ = client.submit([1], SamplingParams(4), "cmpl")  # both slots are free again
+        client._dispatch([(second, Update("late", 1, 9))], 1, 0)  # an aborted request's update is dropped
+        assert sent == [first, second, third] and aborted == [second]
+        assert client.snapshot() == {"running": 1, "waiting": 0, "open_requests": 1}
+        return client.metrics
+
+    metrics = asyncio.run(main())
+    assert (metrics.prompt_tokens, metrics.generation_tokens, metrics.rejected) == (6, 2, 1)
+    assert metrics.finished["length"] == 1 and metrics.finished["abort"] == 1
+    assert metrics.ttft.count == 1 and metrics.e2e.count == 1

@@ -459,9 +459,9 @@ class RawResponse:
 class _ResponseProtocol(asyncio.Protocol):
     """Receives one response at a time; lives as long as its TCP connection.
 
-    Per read it takes one `perf_counter()`, keeps the bytes and lets a framing parser find where the response
-    ends: llhttp (through `httptools`, in C) when installed, else `_Parser` without content. Nothing else
-    happens while the response streams in.
+    Per read it gets one timestamp (the kernel's through `_StampedTransport`, else `perf_counter()` now),
+    keeps the bytes and lets a framing parser find where the response ends: llhttp (through `httptools`, in
+    C) when installed, else `_Parser` without content. Nothing else happens while the response streams in.
     """
 
     def __init__(self) -> None:

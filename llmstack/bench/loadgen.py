@@ -13,6 +13,9 @@ caller; this module only serialises them (also before the window) and sends them
 after the window has ended (`RawResponse`): during the run the client only stamps reads and follows the
 HTTP framing, so its capacity goes to sending and receiving. Should the raw bytes waiting to be parsed
 exceed `defer_parse_bytes` (long runs), the oldest are parsed during the run to bound memory.
+
+`run_load_sync(..., processes=N)` spreads one run over N client processes (`llmstack.bench.sharded`) for
+servers that one client process cannot keep busy.
 """
 
 from __future__ import annotations

@@ -237,6 +237,7 @@ class ProcessEngine(EngineClient):
         self._conn = model.conn
         self._dead = False
         self._stopping = False
+        self._died_serving = False
         # Called (in the event loop) when the model process dies while serving.
         self.on_death: Callable[[], None] | None = None
 
@@ -257,12 +258,13 @@ class ProcessEngine(EngineClient):
     @property
     def died(self) -> bool:
         """The model process exited while serving (not because the server stopped it)."""
-        return self._dead and not self._stopping
+        return self._died_serving
 
     def _on_readable(self) -> None:
         try:
             while self._conn.poll():
-                _, updates, running, waiting = self._conn.recv()
+                _, rows, running, waiting = self._conn.recv()
+                updates = [(r[0], Update(r[1], r[2], r[3], r[4], r[5], r[6])) for r in rows]
                 self._dispatch(updates, running, waiting)
         except (EOFError, OSError) as exc:
             self._engine_died(exc)
@@ -276,6 +278,7 @@ class ProcessEngine(EngineClient):
                 self._loop.remove_reader(self._conn.fileno())
         if self._stopping:
             return
+        self._died_serving = True
         self._model.process.join(1)
         message = f"the model process exited (status {self._model.process.exitcode})"
         logger.error("%s: failing %d open requests and stopping the server", message, len(self._streams))

@@ -3,7 +3,8 @@
 Messages (pickled tuples on a multiprocessing Pipe):
   server -> model   ("add", GenerationRequest)  ("abort", request_id)  ("stop", None)
   model -> server   ("ready", EngineFacts) or ("error", message), once, after loading;
-                    ("updates", [(request_id, Update), ...], running, waiting), once per iteration.
+                    ("updates", [(request_id, *Update fields), ...], running, waiting), once per
+                    iteration.
 
 A reader thread takes the server's messages (blocked in recv, it holds no GIL); the main thread runs the
 scheduler. The process leaves when told to stop, when the pipe closes (the server process is gone), or, as
@@ -55,7 +56,10 @@ def main(conn: Any, options: WorkerOptions) -> None:
         return
 
     def publish(updates: list, running: int, waiting: int) -> None:
-        conn.send(("updates", updates, running, waiting))
+        # Plain tuples: pickling them is several times cheaper than pickling dataclass instances.
+        rows = [(rid, u.text, u.completion_tokens, u.token_id, u.finish_reason, u.stop_reason, u.error)
+                for rid, u in updates]  # fmt: skip
+        conn.send(("updates", rows, running, waiting))
 
     scheduler = Scheduler(
         loaded.backend,

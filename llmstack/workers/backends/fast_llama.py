@@ -18,8 +18,8 @@ the launches from the decode step:
     [B, kv_heads, width, head_dim]) with an additive per-row length mask;
   - prefill runs all admitted prompts as one right-padded batch (split by a token budget), with
     causal SDPA, and writes each prompt's K/V into its slot with one slice copy per layer;
-  - while the GPU runs a step, the scheduler thread waits on a CUDA event, which releases the GIL, so
-    the event loop streams the previous step's tokens meanwhile.
+  - while the GPU runs a step, the scheduler thread waits on a CUDA event, which releases the GIL (a
+    blocking copy to the host would hold it), so other threads of the process run meanwhile.
 
 The arithmetic is transformers' Llama/Mistral/Qwen2 code operation for operation (RMSNorm in float32 then
 cast, rotary as q*cos + rotate_half(q)*sin with the model's own cos/sin table, SiLU-gated MLP), on the
@@ -184,11 +184,13 @@ class FastLlamaBackend:
 
         # A decode step's inputs: row 0 tokens, row 1 positions (by slot), row 2 output order (slots).
         self._io = torch.zeros((3, max_batch_size), dtype=torch.long, device=self.device)
-        pin = self.device.type == "cuda"
-        self._host_io = torch.zeros((3, max_batch_size), dtype=torch.long, pin_memory=pin)
+        cuda = self.device.type == "cuda"
+        # Staged on the host, copied whole (one contiguous copy; a strided slice would go through pageable
+        # memory, synchronously).
+        self._host_io = torch.zeros((3, max_batch_size), dtype=torch.long, pin_memory=cuda)
         self._rows = torch.arange(max_batch_size, device=self.device)
         self._positions = torch.arange(self.cache_len, device=self.device)
-        self._step_done = torch.cuda.Event() if self.device.type == "cuda" else None
+        self._step_done = torch.cuda.Event() if cuda else None
 
         self._graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
         capture_s = 0.0
@@ -233,35 +235,15 @@ class FastLlamaBackend:
 
     @torch.inference_mode()
     def decode(self, seq_ids: Sequence[int], token_ids: Sequence[int]) -> torch.Tensor:
-        n = len(seq_ids)
         slots = [self._slot_of[s] for s in seq_ids]
-        length = self._length
-        if self.static_shapes:
-            bucket = next(b for b in self.batch_buckets if b > max(slots))
-        else:
-            bucket = max(slots) + 1
-        host = self._host_io
+        bucket = self._bucket(slots)
         tokens = [0] * bucket
-        # Rows outside this call (padding, or live sequences left out of a subset call) write K/V at a
-        # position nothing reads before it is written again: a free slot's 0, a live one's next position.
-        positions = [min(length[s], self.cache_len - 1) for s in range(bucket)]
         for slot, token in zip(slots, token_ids, strict=True):
             tokens[slot] = token
-        order = slots + [0] * (bucket - n)
-        host[:, :bucket] = torch.tensor([tokens, positions, order], dtype=torch.long)
-        self._io[:, :bucket].copy_(host[:, :bucket], non_blocking=True)
-        longest = max(length[s] for s in slots) + 1
-        width = next(w for w in self.width_buckets if w >= longest) if self.static_shapes else longest
-        if self.cuda_graphs:
-            graph, out = self._graphs[(bucket, width)]
-            graph.replay()
-        else:
-            out = self._decode_step(bucket, width)
-        # Rows come out by slot; the caller wants them in the order of seq_ids.
-        in_order = slots == list(range(n))
-        logits = (out[:n] if in_order else out.index_select(0, self._io[2, :n])).float()
-        for slot in slots:
-            length[slot] += 1
+        self._stage_inputs(slots, bucket, tokens)
+        out = self._run_step(slots, bucket)
+        logits = self._logits_in_order(out, slots)
+        self._commit(slots)
         self._wait()
         return logits
 
@@ -281,6 +263,43 @@ class FastLlamaBackend:
             self._length[slot] = length
         self._seq_in_slot[last] = None
         self._length[last] = 0
+
+    # -- one decode step ---------------------------------------------------------------------------------
+    def _bucket(self, slots: list[int]) -> int:
+        if self.static_shapes:
+            return next(b for b in self.batch_buckets if b > max(slots))
+        return max(slots) + 1
+
+    def _stage_inputs(self, slots: list[int], bucket: int, tokens: list[int]) -> None:
+        """Tokens (by slot), positions and output order into `self._io` (one host-to-device copy)."""
+        length = self._length
+        # Rows outside this call (padding, or live sequences left out of a subset call) write K/V at a
+        # position nothing reads before it is written again: a free slot's 0, a live one's next position.
+        positions = [min(length[s], self.cache_len - 1) for s in range(bucket)]
+        order = slots + [0] * (bucket - len(slots))
+        host = self._host_io
+        host[:, :bucket] = torch.tensor([tokens, positions, order], dtype=torch.long)
+        self._io.copy_(host, non_blocking=True)
+
+    def _run_step(self, slots: list[int], bucket: int) -> torch.Tensor:
+        """The step over rows 0..bucket-1 with the staged inputs: logits [bucket, vocab] by slot."""
+        longest = max(self._length[s] for s in slots) + 1
+        width = next(w for w in self.width_buckets if w >= longest) if self.static_shapes else longest
+        if self.cuda_graphs:
+            graph, out = self._graphs[(bucket, width)]
+            graph.replay()
+            return out
+        return self._decode_step(bucket, width)
+
+    def _logits_in_order(self, out: torch.Tensor, slots: list[int]) -> torch.Tensor:
+        # Rows come out by slot; the caller wants them in the order of seq_ids (staged in self._io[2]).
+        n = len(slots)
+        in_order = slots == list(range(n))
+        return (out[:n] if in_order else out.index_select(0, self._io[2, :n])).float()
+
+    def _commit(self, slots: list[int]) -> None:
+        for slot in slots:
+            self._length[slot] += 1
 
     # -- CUDA graphs -------------------------------------------------------------------------------------
     def _capture_graphs(self) -> float:

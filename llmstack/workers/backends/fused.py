@@ -123,6 +123,8 @@ class FusedDecoderBackend:
         self._seq_in_slot: list[int | None] = [None] * max_batch_size
         self._length = [0] * max_batch_size
         self._arange = torch.arange(max_model_len, device=self.device)
+        mask_shape = (max_batch_size, 1, 1, max_model_len)
+        self._zero_mask = torch.zeros(mask_shape, dtype=self.dtype, device=self.device)
         self._batch_index = torch.arange(max_batch_size, device=self.device)
 
     def info(self) -> BackendInfo:
@@ -216,8 +218,10 @@ class FusedDecoderBackend:
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         rows = self._batch_index[:batch] if slots is None else torch.tensor(slots, device=self.device)
         width = max(positions) + 1
-        # [batch, 1, 1, width]: True where a key position holds this row's tokens (itself included).
-        mask = (self._arange[:width].unsqueeze(0) <= pos.unsqueeze(1)).view(batch, 1, 1, width)
+        # [batch, 1, 1, width], additive: 0 where a key position holds this row's tokens (itself included),
+        # -inf past them. (An additive mask is cheaper for SDPA on CPU than a boolean one.)
+        beyond = (self._arange[:width].unsqueeze(0) > pos.unsqueeze(1)).view(batch, 1, 1, width)
+        mask = self._zero_mask[:batch, :, :, :width].masked_fill(beyond, float("-inf"))
         x = F.embedding(torch.tensor(tokens, dtype=torch.long, device=self.device), self.embed)
         cos = self.cos.index_select(0, pos).unsqueeze(1)
         sin = self.sin_signed.index_select(0, pos).unsqueeze(1)
@@ -268,7 +272,10 @@ class FusedDecoderBackend:
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # transformers' LlamaRMSNorm, operation for operation (so rounding matches).
+    if x.dtype == torch.float32:
+        # One fused op; in float32 it rounds exactly as transformers' LlamaRMSNorm (checked by the tests).
+        return F.rms_norm(x, weight.shape, weight, eps)
+    # transformers' LlamaRMSNorm, operation for operation (so rounding matches): float32 inside.
     dtype = x.dtype
     h = x.float() if dtype != torch.float32 else x
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
