@@ -1,8 +1,8 @@
 """The scheduler with the real tiny model in process: batching, stop conditions, sampling, aborts.
 
 No HTTP here (test_lightweight_integration.py covers it): requests go straight to `Scheduler.submit`, and the
-scheduler runs in a thread and publishes its updates to the test. Both model implementations (fused,
-generic) run every test. About 10 s.
+scheduler runs in a thread and publishes its updates to the test. Every model implementation (fused,
+generic, fast) runs every test. About 15 s.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def reference() -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(str(ensure_tiny_model())).eval()
 
 
-@pytest.fixture(scope="module", params=["fused", "generic"])
+@pytest.fixture(scope="module", params=["fused", "generic", "fast"])
 def loaded(request: pytest.FixtureRequest) -> Iterator[LoadedModel]:
     yield load_tiny(request.param)
 

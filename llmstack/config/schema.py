@@ -167,7 +167,7 @@ class LightweightEngineConfig:
     # None: model.trust_remote_code.
     trust_remote_code: Optional[bool] = None
     api_key: Optional[str] = None
-    # torch.set_num_threads in the worker; None: torch's default (all cores).
+    # torch.set_num_threads in the worker; None: on cpu all cores but one (left to HTTP), else torch's.
     torch_threads: Optional[int] = None
     # The scheduler and model in their own process (no GIL shared with HTTP); false: a thread of the server.
     model_process: bool = True

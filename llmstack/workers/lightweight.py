@@ -104,4 +104,6 @@ def load_tokenizer(options: WorkerOptions) -> Any:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from llmstack.workers.engine_process import fast_exit
+
+    fast_exit(main())

@@ -53,7 +53,7 @@ class WorkerOptions:
     # Prompt + output tokens per sequence; None: the model's max_position_embeddings.
     max_model_len: int | None = None
     trust_remote_code: bool = False
-    # torch.set_num_threads; None keeps torch's default.
+    # torch.set_num_threads; None: on cpu, all cores but one (left to HTTP); elsewhere torch's default.
     torch_threads: int | None = None
     # Run the scheduler and the model in a child process (no GIL shared with HTTP); False: a thread.
     model_process: bool = True

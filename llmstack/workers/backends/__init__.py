@@ -36,9 +36,12 @@ class LoadedModel:
 def load(options: WorkerOptions) -> LoadedModel:
     import torch
 
-    if options.torch_threads is not None:
-        torch.set_num_threads(options.torch_threads)
     device = _device(options.device)
+    threads = options.torch_threads
+    if threads is None and device.type == "cpu":
+        threads = default_cpu_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
     started = time.perf_counter()
     tokenizer = _load_tokenizer(options)
     if options.backend == "ipex_llm":
@@ -121,6 +124,16 @@ def _make_backend(
         pad_token_id=int(pad),
         info=info,
     )
+
+
+def default_cpu_threads() -> int:
+    """Every core this process may use but one, which is left to HTTP and tokenization (vLLM's CPU backend
+    reserves one the same way). Intra-op threads that outnumber the free cores spin-wait for each other at
+    every op: on a 2-core machine with a load generator beside it, 2 threads made a step ~10x slower."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - 1)
 
 
 def _device(name: str) -> Any:
