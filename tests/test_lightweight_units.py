@@ -98,6 +98,7 @@ def test_worker_options_round_trip() -> None:
         (["engine.backend=ipex_llm", "device=cuda", "device.count=1"], "device", ["Valid choices: cpu, xpu"]),
         (["engine.backend=onnx"], "engine.backend", ["Valid choices: transformers, ipex_llm"]),
         (["engine.backend=ipex_llm", "engine.model_impl=fused"], "engine.model_impl", ["auto, generic"]),
+        (["engine.backend=ipex_llm", "engine.model_impl=fast"], "engine.model_impl", ["auto, generic"]),
         (["engine.model_impl=magic"], "engine.model_impl", ["auto", "generic"]),
         (["engine.dtype=int3"], "engine.dtype", ["float32"]),
         (["low_bit=fp16", "engine.dtype=bfloat16"], "engine.dtype", ["float16"]),

@@ -67,6 +67,11 @@ class _Sequence:
     stops: StopChecker
     eos_ids: frozenset[int]
     output_ids: list[int]
+    # Per-token checks, precomputed: tokens that may end it (EOS unless ignored, stop_token_ids), whether it
+    # has stop strings, and the count at which it ends by length (max_tokens or the context).
+    end_ids: frozenset[int]
+    has_stops: bool
+    length_limit: int
     # The last sampled token: what the next decode step feeds.
     next_token: int = -1
     finished: bool = False
@@ -196,6 +201,9 @@ class Scheduler:
                 stops=StopChecker(params.stop),
                 eos_ids=eos,
                 output_ids=output_ids,
+                end_ids=eos | frozenset(params.stop_token_ids),
+                has_stops=bool(params.stop),
+                length_limit=min(params.max_tokens, self.max_model_len - len(request.prompt_ids)),
             )
             if not params.greedy:
                 seq.row.generator = make_generator(params.seed, self.backend.device)
@@ -220,31 +228,31 @@ class Scheduler:
 
     def _accept(self, seq: _Sequence, token: int) -> None:
         """Record one generated token; emit its text; finish the sequence if a stop condition holds."""
-        seq.output_ids.append(token)
+        output = seq.output_ids
+        output.append(token)
         seq.next_token = token
-        params = seq.request.params
-        count = len(seq.output_ids)
+        count = len(output)
         delta = seq.detokenizer.push(token)
         finish_reason: str | None = None
         stop_reason: str | int | None = None
-        if seq.stops.active:
+        if seq.has_stops:
             delta, stop_string = seq.stops.add(delta)
             if stop_string is not None:
                 finish_reason, stop_reason = "stop", stop_string
         if finish_reason is None:
-            if count >= params.min_tokens and token in seq.eos_ids:
+            if token in seq.end_ids and count >= seq.request.params.min_tokens:
                 finish_reason = "stop"
-            elif count >= params.min_tokens and token in params.stop_token_ids:
-                finish_reason, stop_reason = "stop", token
-            elif count >= params.max_tokens or len(seq.request.prompt_ids) + count >= self.max_model_len:
+                if token not in seq.eos_ids:
+                    stop_reason = token  # a stop_token_id (vLLM reports it; EOS it does not)
+            elif count >= seq.length_limit:
                 finish_reason = "length"
-        if finish_reason is None:
-            self._outbox.append((seq.request.request_id, Update(delta, count, token)))
-            return
+            else:
+                self._outbox.append((seq.request.request_id, Update(delta, count, token)))
+                return
         if not isinstance(stop_reason, str):
             # Ending for another reason than a stop string: release what was held back.
             rest = seq.detokenizer.flush()
-            if seq.stops.active:
+            if seq.has_stops:
                 more, stop_string = seq.stops.add(rest)
                 delta += more
                 if stop_string is not None:
