@@ -24,6 +24,9 @@ from llmstack.workers.backends.fast_llama import (  # noqa: E402
     width_buckets,
 )
 
+# Loads models (about 8 s in all).
+pytestmark = pytest.mark.integration
+
 MAX_MODEL_LEN = 72
 NEW_TOKENS = 12
 
