@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from llmstack.models.tiny import ensure_tiny_model  # noqa: E402
-from llmstack.workers.backends import LoadedModel, load  # noqa: E402
+from llmstack.workers.backends import LoadedModel, cpu_kernels, load  # noqa: E402
 from llmstack.workers.detokenizer import decoder_for  # noqa: E402
 from llmstack.workers.protocol import WorkerOptions  # noqa: E402
 from llmstack.workers.sampling import SamplingParams  # noqa: E402
@@ -60,9 +60,17 @@ def reference() -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(str(ensure_tiny_model())).eval()
 
 
-@pytest.fixture(scope="module", params=["fused", "generic", "fast"])
+@pytest.fixture(scope="module", params=["fused", "fused-torch-attention", "generic", "fast"])
 def loaded(request: pytest.FixtureRequest) -> Iterator[LoadedModel]:
-    yield load_tiny(request.param)
+    if request.param != "fused-torch-attention":
+        yield load_tiny(request.param)
+        return
+    # The fused decoder without llmstack's C attention kernel (no compiler, or switched off).
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(cpu_kernels.DISABLE_ENV, "0")
+        loaded = load_tiny("fused")
+    assert loaded.backend.info().extra["attention"] == "torch-sdpa"
+    yield loaded
 
 
 def run(

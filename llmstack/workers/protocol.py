@@ -108,8 +108,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", dest="max_model_len", type=_positive, default=None)
     p.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true")
     p.add_argument("--torch-threads", dest="torch_threads", type=_positive, default=None)
-    p.add_argument("--model-in-thread", dest="model_process", action="store_false",
-                   help="run the scheduler and model in a thread of the server process, not a child process")
+    p.add_argument(
+        "--model-in-thread",
+        dest="model_process",
+        action="store_false",
+        help="run the scheduler and model in a thread of the server process, not a child process",
+    )
     p.add_argument(
         "--log-level", dest="log_level", default="info", choices=("debug", "info", "warning", "error")
     )

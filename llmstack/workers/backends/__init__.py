@@ -65,12 +65,13 @@ def load(options: WorkerOptions) -> LoadedModel:
     backend = _make_backend(options, model, tokenizer, max_model_len, info)
     eos = _eos_token_ids(model, tokenizer)
     logger.info(
-        "loaded %s in %.1f s: backend %s (%s), %s on %s, max_batch_size %d, max_model_len %d, "
+        "loaded %s in %.1f s: backend %s (%s%s), %s on %s, max_batch_size %d, max_model_len %d, "
         "KV cache %.1f MiB reserved, EOS ids %s",
         options.model,
         time.perf_counter() - started,
         options.backend,
         info.model_impl,
+        f", attention {info.extra['attention']}" if "attention" in info.extra else "",
         info.dtype,
         info.device,
         options.max_batch_size,

@@ -126,6 +126,15 @@ class FusedDecoderBackend:
         mask_shape = (max_batch_size, 1, 1, max_model_len)
         self._zero_mask = torch.zeros(mask_shape, dtype=self.dtype, device=self.device)
         self._batch_index = torch.arange(max_batch_size, device=self.device)
+        # llmstack's C attention kernel, on CPU in float32 (None: torch's SDPA and cache writes in torch).
+        self._attention = None
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            from llmstack.workers.backends.cpu_kernels import cache_attention
+
+            self._attention = cache_attention()
+        if self._attention is not None:
+            self._ones = torch.ones(max_batch_size, dtype=torch.long)
+        info.extra["attention"] = "llmstack-cpu" if self._attention is not None else "torch-sdpa"
 
     def info(self) -> BackendInfo:
         return self._info
@@ -133,13 +142,16 @@ class FusedDecoderBackend:
     # -- the Backend contract ----------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, seq_ids: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-        rows = []
+        slots = []
         for seq_id, prompt in zip(seq_ids, prompts, strict=True):
             slot = len(self._slot_of)
             self._slot_of[seq_id] = slot
             self._seq_in_slot[slot] = seq_id
-            rows.append(self._prefill_one(slot, prompt))
             self._length[slot] = len(prompt)
+            slots.append(slot)
+        if self._attention is not None:
+            return self._prefill_packed(slots, prompts).float()
+        rows = [self._prefill_one(slot, prompt) for slot, prompt in zip(slots, prompts, strict=True)]
         return torch.cat(rows, dim=0).float()
 
     @torch.inference_mode()
@@ -212,16 +224,48 @@ class FusedDecoderBackend:
         last = _rms_norm(x[-1:], self.norm, self.norm_eps)
         return F.linear(last, self.lm_head, self.lm_head_bias)
 
+    def _prefill_packed(self, slots: list[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Every prompt in one forward pass: the linear layers see all their tokens at once; the C kernel
+        writes each prompt's keys and values into its slot and attends causally within it."""
+        assert self._attention is not None
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        lengths = [len(p) for p in prompts]
+        total = sum(lengths)
+        ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long)
+        positions = torch.cat([self._arange[:n] for n in lengths])
+        slots_t = torch.tensor(slots, dtype=torch.long)
+        starts = torch.zeros(len(slots), dtype=torch.long)
+        counts = torch.tensor(lengths, dtype=torch.long)
+        x = F.embedding(ids, self.embed)
+        cos = self.cos.index_select(0, positions).unsqueeze(1)
+        sin = self.sin_signed.index_select(0, positions).unsqueeze(1)
+        for layer, k_cache, v_cache in zip(self.layers, self.k_cache, self.v_cache, strict=True):
+            h = _rms_norm(x, layer.ln1, layer.ln1_eps)
+            qkv = F.linear(h, layer.w_qkv, layer.b_qkv)
+            qk = qkv[:, : (heads + kv_heads) * dim].view(total, heads + kv_heads, dim)
+            qk = qk * cos + qk.roll(self._half, -1) * sin
+            v_new = qkv[:, (heads + kv_heads) * dim :].view(total, kv_heads, dim)
+            attn = torch.empty(total, heads, dim, dtype=self.dtype)
+            q, k_new = qk[:, :heads], qk[:, heads:]
+            self._attention(q, k_new, v_new, attn, k_cache, v_cache, slots_t, starts, counts, self.scaling)
+            x = x + F.linear(attn.view(total, heads * dim), layer.w_o, layer.b_o)
+            x = x + self._mlp(_rms_norm(x, layer.ln2, layer.ln2_eps), layer)
+        last = torch.tensor(lengths, dtype=torch.long).cumsum(0) - 1
+        x = _rms_norm(x.index_select(0, last), self.norm, self.norm_eps)
+        return F.linear(x, self.lm_head, self.lm_head_bias)
+
     def _decode(self, tokens: list[int], positions: list[int], slots: list[int] | None) -> torch.Tensor:
         batch = len(tokens)
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         rows = self._batch_index[:batch] if slots is None else torch.tensor(slots, device=self.device)
         width = max(positions) + 1
-        # [batch, 1, 1, width], additive: 0 where a key position holds this row's tokens (itself included),
-        # -inf past them. (An additive mask is cheaper for SDPA on CPU than a boolean one.)
-        beyond = (self._arange[:width].unsqueeze(0) > pos.unsqueeze(1)).view(batch, 1, 1, width)
-        mask = self._zero_mask[:batch, :, :, :width].masked_fill(beyond, float("-inf"))
+        kernel = self._attention
+        if kernel is None:
+            # [batch, 1, 1, width], additive: 0 where a key position holds this row's tokens (itself
+            # included), -inf past them. (An additive mask is cheaper for SDPA on CPU than a boolean one.)
+            beyond = (self._arange[:width].unsqueeze(0) > pos.unsqueeze(1)).view(batch, 1, 1, width)
+            mask = self._zero_mask[:batch, :, :, :width].masked_fill(beyond, float("-inf"))
         x = F.embedding(torch.tensor(tokens, dtype=torch.long, device=self.device), self.embed)
         cos = self.cos.index_select(0, pos).unsqueeze(1)
         sin = self.sin_signed.index_select(0, pos).unsqueeze(1)
@@ -230,14 +274,20 @@ class FusedDecoderBackend:
             qkv = F.linear(h, layer.w_qkv, layer.b_qkv)
             qk = qkv[:, : (heads + kv_heads) * dim].view(batch, heads + kv_heads, dim)
             qk = qk * cos + qk.roll(self._half, -1) * sin
-            k_cache[rows, :, pos] = qk[:, heads:]
-            v_cache[rows, :, pos] = qkv[:, (heads + kv_heads) * dim :].view(batch, kv_heads, dim)
-            if slots is None:
-                keys, values = k_cache[:batch, :, :width], v_cache[:batch, :, :width]
+            v_new = qkv[:, (heads + kv_heads) * dim :].view(batch, kv_heads, dim)
+            if kernel is not None:
+                attn = torch.empty(batch, heads, dim, dtype=self.dtype)
+                kernel(qk[:, :heads], qk[:, heads:], v_new, attn, k_cache, v_cache, rows, pos,
+                       self._ones[:batch], self.scaling)  # fmt: skip
             else:
-                keys, values = k_cache[rows, :, :width], v_cache[rows, :, :width]
-            q = qk[:, :heads].reshape(batch, kv_heads, self.groups, dim)
-            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
+                k_cache[rows, :, pos] = qk[:, heads:]
+                v_cache[rows, :, pos] = v_new
+                if slots is None:
+                    keys, values = k_cache[:batch, :, :width], v_cache[:batch, :, :width]
+                else:
+                    keys, values = k_cache[rows, :, :width], v_cache[rows, :, :width]
+                q = qk[:, :heads].reshape(batch, kv_heads, self.groups, dim)
+                attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
             x = x + F.linear(attn.reshape(batch, heads * dim), layer.w_o, layer.b_o)
             x = x + self._mlp(_rms_norm(x, layer.ln2, layer.ln2_eps), layer)
         return F.linear(_rms_norm(x, self.norm, self.norm_eps), self.lm_head, self.lm_head_bias)
