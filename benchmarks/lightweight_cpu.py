@@ -6,10 +6,12 @@ Load (the same for every server): streamed completions from llmstack's load gene
 ignore_eos, temperature 0), closed loop; output tokens are counted from each response's `usage` (and must
 be exactly 128 per request). Each server is started through llmstack's supervisor from the composed config
 (`engine=lightweight`; `profile=cpu` for vLLM), warmed up with one load at the highest concurrency, then
-measured --repeats times per level with the levels interleaved (c1, c16, c1, c16, ...); a level's figure
-is the median run. Servers run one after the other (--servers order), --rounds times over; ratios are
-taken within a round and their median over rounds is printed last. On a shared machine the spread between
-runs is large: read the per-run lines too.
+measured --repeats times per level with the levels interleaved in alternating order (c1, c16, c16, c1,
+...); a level's figure is the median run, and each c16 run over the c1 run next to it is a paired ratio.
+Servers run one after the other (--servers order), --rounds times over; ratios of medians are taken
+within a round, and the paired ratios of all rounds are summarized last (median and quartiles). On
+this shared machine the speed drifts by +-25 % within minutes: the paired median is the steadiest figure;
+read the per-run lines too.
 
     flock /tmp/llmstack-heavy.lock .venv/bin/python benchmarks/lightweight_cpu.py --rounds 2
     .venv/bin/python benchmarks/lightweight_cpu.py --servers lightweight,lightweight-thread   # ours only
@@ -46,6 +48,12 @@ SERVERS = {
     "lightweight": ["engine=lightweight", "device=cpu"],
     # The same worker with the model loop in a thread of the HTTP process (engine.model_process=false).
     "lightweight-thread": ["engine=lightweight", "device=cpu", "engine.model_process=false"],
+    # Without llmstack's C attention kernel (torch's scaled_dot_product_attention and cache writes).
+    "lightweight-torch-attention": [
+        "engine=lightweight",
+        "device=cpu",
+        "+engine.extra_env.LLMSTACK_CPU_KERNELS='0'",
+    ],
     "vllm": ["profile=cpu"],
     # vLLM's dtype auto is bfloat16 on CPU; this box has no AVX512-BF16, and our worker serves the tiny
     # model's own float32: this variant compares the same arithmetic.
@@ -130,7 +138,7 @@ def main() -> int:
     parser.add_argument("--levels", default="1,16")
     parser.add_argument("--rounds", type=int, default=1, help="start every server this many times, in turn")
     parser.add_argument(
-        "--repeats", type=int, default=3, help="measurements per level and server start (median)"
+        "--repeats", type=int, default=6, help="measurements per level and server start (median)"
     )
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
@@ -152,6 +160,8 @@ def main() -> int:
     extra = {name: args.lightweight.split() if name.startswith("lightweight") else [] for name in SERVERS}
 
     rounds: list[dict[str, dict[int, dict[str, float]]]] = []
+    # c16 / c1 of the runs made next to each other, every pair of every round.
+    paired: dict[str, list[float]] = {name: [] for name in servers}
     for r in range(args.rounds):
         figures: dict[str, dict[int, dict[str, float]]] = {}
         for name in servers:
@@ -160,12 +170,17 @@ def main() -> int:
                 top = max(levels)
                 measure(base_url, requests[:top], top)  # warm-up, not recorded
                 runs: dict[int, list[dict[str, float]]] = {c: [] for c in levels}
-                for _ in range(args.repeats):  # levels interleaved, so a busy minute hits each alike
-                    for c in levels:
+                # Levels interleaved, in alternating order (c1 c16, c16 c1, ...), so that a busy minute or
+                # a drift of the machine's speed hits each level alike; adjacent runs make a pair.
+                for repeat in range(args.repeats):
+                    for c in levels if repeat % 2 == 0 else levels[::-1]:
                         n = max(16, args.requests_per_slot * c)
                         runs[c].append(measure(base_url, requests[:n], c))
                         print(f"    c{c:<3} {describe(runs[c][-1])}", flush=True)
                 figures[name] = {c: median_run(runs[c]) for c in levels}
+                if 1 in runs and 16 in runs:
+                    pairs = zip(runs[1], runs[16], strict=True)
+                    paired[name] += [hi["output_tok_s"] / lo["output_tok_s"] for lo, hi in pairs]
             time.sleep(2)  # let the port and the CPU settle
         rounds.append(figures)
 
@@ -192,9 +207,16 @@ def main() -> int:
     for label, values in ratios.items():
         shown = ", ".join(f"{v:.2f}" for v in values)
         print(f"  {label:<48} {statistics.median(values):6.2f}   ({shown})")
+    print("\npaired c16 / c1 (each c16 run over the c1 run next to it; median, quartiles, all)")
+    for name, values in paired.items():
+        if values:
+            q1, q2, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
+            shown = " ".join(f"{v:.2f}" for v in values)
+            target = " (target >= 6)" if name == "lightweight" else ""
+            print(f"  {name + target:<30} median {q2:5.2f}  quartiles {q1:.2f}-{q3:.2f}   ({shown})")
     if args.out:
-        args.out.write_text(json.dumps({"rounds": rounds, "ratios": ratios, "args": vars(args)}, default=str,
-                                       indent=2))  # fmt: skip
+        args.out.write_text(json.dumps({"rounds": rounds, "ratios": ratios, "paired": paired,
+                                        "args": vars(args)}, default=str, indent=2))  # fmt: skip
     return 0
 
 
