@@ -319,3 +319,19 @@ def test_engine_client_admits_batch_plus_queue_and_counts_what_clients_get() -> 
     assert (metrics.prompt_tokens, metrics.generation_tokens, metrics.rejected) == (6, 2, 1)
     assert metrics.finished["length"] == 1 and metrics.finished["abort"] == 1
     assert metrics.ttft.count == 1 and metrics.e2e.count == 1
+
+
+def test_auto_model_impl_picks_the_cuda_graph_decoder_on_cuda_only() -> None:
+    pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    from llmstack.models.tiny import ensure_tiny_model
+    from llmstack.workers.backends import auto_model_impl
+
+    model = AutoModelForCausalLM.from_pretrained(str(ensure_tiny_model()))
+    assert auto_model_impl("cuda", model, 256) == "fast"
+    # Elsewhere the fused decoder (or the generic forward where it cannot run) is chosen later.
+    assert auto_model_impl("cpu", model, 256) == "auto"
+    assert auto_model_impl("xpu", model, 256) == "auto"
+    model.config.model_type = "gpt2"  # an architecture the fast decoder does not implement
+    assert auto_model_impl("cuda", model, 256) == "auto"

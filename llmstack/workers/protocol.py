@@ -20,7 +20,7 @@ BACKENDS = ("transformers", "ipex_llm")
 # Where each backend runs. ipex-llm's low-bit kernels exist for Intel GPUs and (some formats) CPUs.
 BACKEND_DEVICES = {"transformers": ("cpu", "cuda", "xpu"), "ipex_llm": ("cpu", "xpu")}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-# auto: `fused` where the architecture is supported, else `generic`.
+# auto: on cuda `fast` where the architecture is supported; else `fused` where it is, else `generic`.
 # fused: llmstack's own decoder over the checkpoint's weights (Llama, Mistral, Qwen2): static per-slot KV
 #   cache, per-sequence positions, fused QKV and gate/up projections.
 # generic: the model's own forward() with a batched, left-padded KV cache managed by the worker; any causal
