@@ -6,6 +6,7 @@ test_lightweight_scheduler.py (in process) and test_lightweight_integration.py (
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -32,13 +33,20 @@ def check(compose_cfg, *overrides: str) -> None:
 
 
 # -- plan ------------------------------------------------------------------------------------------------
+def test_the_worker_keeps_the_launchers_pythonpath_behind_the_checkout(compose_cfg, monkeypatch) -> None:
+    # Packages installed with `pip install --target DIR` reach the worker through PYTHONPATH.
+    monkeypatch.setenv("PYTHONPATH", "/opt/site")
+    plan = get_engine("lightweight").plan(resolved(compose_cfg, "device=cpu"))
+    assert plan.env["PYTHONPATH"] == SOURCE_ROOT + os.pathsep + "/opt/site"
+
+
 def test_plan_renders_the_worker_command_and_the_worker_parses_it(compose_cfg) -> None:
     run = resolved(compose_cfg, "device=cpu", "engine.port=8123", "engine.max_batch_size=8",
                    "engine.api_key=sekrit", "engine.torch_threads=1")  # fmt: skip
     plan = get_engine("lightweight").plan(run)
     assert plan.argv[1:3] == ("-m", LIGHTWEIGHT_MODULE)
     assert "sekrit" not in " ".join(plan.argv), "the API key must not be on the command line"
-    assert plan.env[API_KEY_ENV] == "sekrit" and plan.env["PYTHONPATH"] == SOURCE_ROOT
+    assert plan.env[API_KEY_ENV] == "sekrit" and plan.env["PYTHONPATH"].split(os.pathsep)[0] == SOURCE_ROOT
     assert "sekrit" not in plan.shell_command() and "sekrit" not in str(plan.to_dict())
     options = WorkerOptions.parse(list(plan.argv[3:]))
     assert options == get_engine("lightweight").worker_options(run)

@@ -7,6 +7,7 @@ the backend can run the asked format on the asked device.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from llmstack.config.schema import LightweightEngineConfig, LowBitConfig, RunConfig
@@ -149,8 +150,10 @@ class LightweightEngine:
     def plan(self, run: RunConfig) -> LaunchPlan:
         e: LightweightEngineConfig = run.engine
         argv = [str(e.python), "-m", LIGHTWEIGHT_MODULE, *self.worker_options(run).to_argv(), *e.extra_args]
-        # The worker's code comes from this checkout, so its flags always match the ones rendered here.
-        env: dict[str, str] = {"PYTHONPATH": SOURCE_ROOT}
+        # The worker's code comes from this checkout, so its flags always match the ones rendered here;
+        # the launcher's own PYTHONPATH stays behind it (packages installed with pip --target, site dirs).
+        inherited = os.environ.get("PYTHONPATH", "")
+        env: dict[str, str] = {"PYTHONPATH": SOURCE_ROOT + (os.pathsep + inherited if inherited else "")}
         selector = DEVICE_SELECTOR_ENV.get(run.device.name)
         if selector and run.device.ids is not None:
             env[selector] = ",".join(str(i) for i in run.device.ids)
