@@ -48,7 +48,14 @@ class ServerProcess:
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def __enter__(self) -> ServerProcess:
-        self.start()
+        # A Ctrl-C that lands while the process is being started (after its exec, before Popen returns)
+        # would leave it unknown to us: hold it until start() is done, then deliver it as usual.
+        try:
+            with _signals_deferred(redeliver=True):
+                self.start()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def __exit__(
@@ -307,8 +314,10 @@ def _alive(pids: set[int]) -> set[int]:
 
 
 @contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Teardown must finish: hold Ctrl-C and SIGTERM until it has, then deliver them once."""
+def _signals_deferred(redeliver: bool = False) -> Iterator[None]:
+    """Teardown must finish: hold Ctrl-C and SIGTERM until it has, then raise Interrupted once; with
+    `redeliver`, send the first held signal again to the handler that was in place (KeyboardInterrupt for
+    Ctrl-C by default)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -322,7 +331,9 @@ def _signals_deferred() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if pending:
+        if pending and redeliver:
+            signal.raise_signal(pending[0])
+        elif pending:
             raise Interrupted(f"interrupted by signal {signal.Signals(pending[0]).name} during teardown")
 
 

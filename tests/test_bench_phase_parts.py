@@ -330,3 +330,28 @@ def test_ipex_low_bit_goes_to_the_llm_class_by_name() -> None:
     assert split_low_bit(argv) == (["--model", "/m", "--device", "xpu", "--dtype", "float16"], "fp8")
     assert split_low_bit(["--load-in-low-bit=sym_int4", "--model", "/m"]) == (["--model", "/m"], "sym_int4")
     assert split_low_bit(["--model", "/m"]) == (["--model", "/m"], None)
+
+
+def test_ctrl_c_while_the_process_is_being_started_still_stops_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The narrow window of the test above: Ctrl-C after the child's exec, before Popen returns."""
+    import signal
+
+    from llmstack.supervisor import ServerProcess
+
+    real_popen = subprocess.Popen
+
+    def popen_then_ctrl_c(*args: object, **kwargs: object) -> subprocess.Popen:
+        child = real_popen(*args, **kwargs)  # type: ignore[call-overload]
+        signal.raise_signal(signal.SIGINT)  # as if it landed right here
+        return child
+
+    monkeypatch.setattr("llmstack.supervisor.subprocess.Popen", popen_then_ctrl_c)
+    mark = uuid.uuid4().hex
+    child = (sys.executable, "-c", "import time; time.sleep(60)")
+    plan = LaunchPlan("batch", child, {"LLMSTACK_TEST_MARK": mark}, ReadyProbe("http://x", "x"),
+                      shutdown_grace_s=2.0)  # fmt: skip
+    with pytest.raises(KeyboardInterrupt), ServerProcess(plan, tmp_path / "batch.log"):
+        pytest.fail("the body must not run")
+    assert wait_no_processes(f"LLMSTACK_TEST_MARK={mark}", timeout=10) == []
