@@ -179,6 +179,16 @@ def test_greedy_rows_take_the_argmax() -> None:
     assert sample(logits, rows) == logits.argmax(-1).tolist()
 
 
+def test_greedy_ties_go_to_the_first_maximum_as_in_torch() -> None:
+    logits = torch.zeros(2, 16)
+    logits[0, [3, 9]] = 5.0
+    logits[1, [0, 15]] = float("inf")
+    greedy = SamplingParams(8, temperature=0.0)
+    assert sample(logits, [row(greedy), row(greedy)]) == [3, 0] == logits.argmax(-1).tolist()
+    # A strided view (the greedy subset of a mixed batch) reads the right rows.
+    assert sample(logits.t().contiguous().t(), [row(greedy), row(greedy)]) == [3, 0]
+
+
 def test_seeded_sampling_repeats_whatever_shares_the_batch() -> None:
     logits = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
     seeded = SamplingParams(8, temperature=1.0, seed=1234)
