@@ -43,3 +43,12 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def sigint_by_default() -> None:
+    """preexec_fn for children that a test interrupts with SIGINT: a shell starts background jobs (`cmd &`)
+    with SIGINT ignored and exec keeps it ignored, so a suite started that way would see Ctrl-C do nothing.
+    The default disposition lets the child's Python install its KeyboardInterrupt handler."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -31,7 +31,7 @@ from llmstack.engines.plan import LaunchPlan, ReadyProbe
 from llmstack.errors import BenchmarkError, EngineError
 from llmstack.supervisor import run_to_completion
 from tests.bench_instrument import instrument
-from tests.procs import wait_no_processes
+from tests.procs import sigint_by_default, wait_no_processes
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -308,7 +308,9 @@ def test_ctrl_c_while_running_to_completion_stops_the_group(tmp_path: Path) -> N
         "    print('interrupted', flush=True)\n"
         "    sys.exit(130)\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", launcher], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", launcher], stdout=subprocess.PIPE, text=True, preexec_fn=sigint_by_default
+    )
     try:
         deadline = time.monotonic() + 30
         while not processes_with_env(f"LLMSTACK_TEST_MARK={mark}") and time.monotonic() < deadline:
@@ -352,6 +354,11 @@ def test_ctrl_c_while_the_process_is_being_started_still_stops_it(
     child = (sys.executable, "-c", "import time; time.sleep(60)")
     plan = LaunchPlan("batch", child, {"LLMSTACK_TEST_MARK": mark}, ReadyProbe("http://x", "x"),
                       shutdown_grace_s=2.0)  # fmt: skip
-    with pytest.raises(KeyboardInterrupt), ServerProcess(plan, tmp_path / "batch.log"):
-        pytest.fail("the body must not run")
+    # Ctrl-C raises KeyboardInterrupt here even if this suite was started with SIGINT ignored (`cmd &`).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), ServerProcess(plan, tmp_path / "batch.log"):
+            pytest.fail("the body must not run")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert wait_no_processes(f"LLMSTACK_TEST_MARK={mark}", timeout=10) == []

@@ -26,7 +26,7 @@ from llmstack.devices import Inventory
 from llmstack.engines import get_engine
 from llmstack.models.tiny import ensure_tiny_model
 from llmstack.supervisor import ServerProcess
-from tests.procs import free_port, port_is_free, wait_no_processes
+from tests.procs import free_port, port_is_free, sigint_by_default, wait_no_processes
 
 pytestmark = pytest.mark.integration
 
@@ -44,8 +44,9 @@ def cli(*overrides: str, tmp_path: Path, mark: str, **kwargs) -> subprocess.Pope
         f"+engine.extra_env.{MARK_KEY}={mark}", *overrides,
     ]  # fmt: skip
     return subprocess.Popen(
-        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
-    )
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=sigint_by_default, **kwargs,
+    )  # fmt: skip
 
 
 def run_dirs(tmp_path: Path) -> list[Path]:
