@@ -81,6 +81,12 @@ def _main_through_hydra() -> int:
     from llmstack.config.store import register_schemas
 
     register_schemas()
+    from llmstack.config.profile_engine import profile_engine_conflict
+
+    conflict = profile_engine_conflict(CONFIG_DIR, sys.argv[1:])
+    if conflict is not None:
+        print(f"llmstack: {conflict}", file=sys.stderr)
+        return conflict.exit_code
     if _full_error():
         os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     entry = hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")(_hydra_task)

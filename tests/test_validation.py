@@ -140,6 +140,10 @@ def test_interpreter_without_vllm(compose_cfg, tmp_path: Path) -> None:
         (["model=local", "model.path=/nonexistent/model"], "Invalid config: model.path=/nonexistent/model"),
         (["engine.python=/nonexistent/python"], "Invalid config: engine.python=/nonexistent/python"),
         (["engine.max_num_seqs=-1"], "Invalid config: engine.max_num_seqs=-1"),
+        (
+            ["profile=cpu", "engine=lightweight"],
+            "profile=cpu is written for engine=vllm and sets engine.cpu_kvcache_space_gib, engine.enforce",
+        ),
     ],
 )
 def test_cli_exit_2_one_paragraph_nothing_started(
@@ -166,3 +170,16 @@ def test_full_error_shows_traceback(llmstack_cmd: list[str]) -> None:
     )  # fmt: skip
     assert done.returncode == 2
     assert "Traceback" in done.stderr and "ConfigError" in done.stderr
+
+
+def test_profile_engine_conflict_only_for_keys_the_engine_lacks() -> None:
+    from llmstack.cli import CONFIG_DIR
+    from llmstack.config.profile_engine import profile_engine_conflict
+
+    error = profile_engine_conflict(CONFIG_DIR, ["profile=arc_a770", "engine=lightweight", "model=qwen14b"])
+    assert error is not None and error.key == "engine" and error.value == "lightweight"
+    assert error.choices == ["vllm", "vllm_ipex"]  # the engines whose keys the profile sets
+    # Engines of the profile's own schema, sweeps, and options Hydra will reject itself: not ours to judge.
+    for overrides in (["profile=arc_a770", "engine=vllm"], ["profile=cpu", "engine=vllm,lightweight"],
+                      ["profile=nope", "engine=lightweight"], ["engine=lightweight"]):  # fmt: skip
+        assert profile_engine_conflict(CONFIG_DIR, overrides) is None, overrides
