@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from llmstack.config.schema import LowBitConfig, RunConfig
@@ -14,6 +16,15 @@ from llmstack.errors import ConfigError
 DEVICE_SELECTOR_ENV = {"cuda": "CUDA_VISIBLE_DEVICES", "xpu": "ZE_AFFINITY_MASK"}
 
 ServerEngineConfig = TypeVar("ServerEngineConfig")
+
+# The checkout that holds this launcher: processes we start in another interpreter run the same code.
+SOURCE_ROOT = str(Path(__file__).resolve().parent.parent.parent)
+
+
+def source_first_pythonpath(inherited: str) -> str:
+    """PYTHONPATH for a process of ours in any interpreter: this checkout first, then what it inherits
+    (packages installed with `pip --target`, site dirs)."""
+    return SOURCE_ROOT + (os.pathsep + inherited if inherited else "")
 
 
 def with_server_defaults(engine_cfg: ServerEngineConfig, run: RunConfig) -> ServerEngineConfig:

@@ -8,10 +8,9 @@ the backend can run the asked format on the asked device.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from llmstack.config.schema import LightweightEngineConfig, LowBitConfig, RunConfig
-from llmstack.engines.base import DEVICE_SELECTOR_ENV, with_server_defaults
+from llmstack.engines.base import DEVICE_SELECTOR_ENV, source_first_pythonpath, with_server_defaults
 from llmstack.engines.plan import LaunchPlan, ReadyProbe
 from llmstack.errors import ConfigError
 from llmstack.workers.protocol import (
@@ -29,8 +28,6 @@ TRANSFORMERS_LOW_BITS = {"none": None, "fp16": "float16", "bf16": "bfloat16"}
 # ipex-llm's lightweight serving defaults to --low-bit sym_int4.
 IPEX_DEFAULT_LOW_BIT = "sym_int4"
 LOG_LEVELS = ("debug", "info", "warning", "error")
-# The checkout that holds this launcher: the worker runs from the same code, whatever the interpreter.
-SOURCE_ROOT = str(Path(__file__).resolve().parent.parent.parent)
 
 
 class LightweightEngine:
@@ -150,10 +147,8 @@ class LightweightEngine:
     def plan(self, run: RunConfig) -> LaunchPlan:
         e: LightweightEngineConfig = run.engine
         argv = [str(e.python), "-m", LIGHTWEIGHT_MODULE, *self.worker_options(run).to_argv(), *e.extra_args]
-        # The worker's code comes from this checkout, so its flags always match the ones rendered here;
-        # the launcher's own PYTHONPATH stays behind it (packages installed with pip --target, site dirs).
-        inherited = os.environ.get("PYTHONPATH", "")
-        env: dict[str, str] = {"PYTHONPATH": SOURCE_ROOT + (os.pathsep + inherited if inherited else "")}
+        # The worker's code comes from this checkout, so its flags always match the ones rendered here.
+        env: dict[str, str] = {"PYTHONPATH": source_first_pythonpath(os.environ.get("PYTHONPATH", ""))}
         selector = DEVICE_SELECTOR_ENV.get(run.device.name)
         if selector and run.device.ids is not None:
             env[selector] = ",".join(str(i) for i in run.device.ids)

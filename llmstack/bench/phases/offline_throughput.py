@@ -66,14 +66,12 @@ def offline_plan(plan: LaunchPlan, spec_path: Path) -> LaunchPlan:
     """The engine plan turned into the offline process: same interpreter and environment, our module."""
     import dataclasses
 
-    import llmstack
+    from llmstack.engines.base import source_first_pythonpath
 
     # The engine's interpreter may be another venv without llmstack installed: the offline module needs
     # only the standard library and vLLM, so pointing at the source tree is enough.
-    source_root = str(Path(llmstack.__file__).resolve().parent.parent)
     inherited = plan.env.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
-    env = dict(plan.env)
-    env["PYTHONPATH"] = source_root + (os.pathsep + inherited if inherited else "")
+    env = {**plan.env, "PYTHONPATH": source_first_pythonpath(inherited)}
     return dataclasses.replace(
         plan,
         engine=f"{plan.engine} (offline)",
