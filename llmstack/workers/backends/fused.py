@@ -196,19 +196,12 @@ class FusedDecoderBackend:
     # -- the arithmetic ----------------------------------------------------------------------------------
     def _prefill_one(self, slot: int, prompt: Sequence[int]) -> torch.Tensor:
         n = len(prompt)
-        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         ids = torch.tensor(prompt, dtype=torch.long, device=self.device)
         x = F.embedding(ids, self.embed)
         cos = self.cos[:n].unsqueeze(1)
         sin = self.sin_signed[:n].unsqueeze(1)
         for layer, k_cache, v_cache in zip(self.layers, self.k_cache, self.v_cache, strict=True):
-            h = _rms_norm(x, layer.ln1, layer.ln1_eps)
-            qkv = F.linear(h, layer.w_qkv, layer.b_qkv)
-            qk = qkv[:, : (heads + kv_heads) * dim].view(n, heads + kv_heads, dim)
-            qk = qk * cos + qk.roll(self._half, -1) * sin
-            q = qk[:, :heads].transpose(0, 1)
-            k = qk[:, heads:].transpose(0, 1)
-            v = qkv[:, (heads + kv_heads) * dim :].view(n, kv_heads, dim).transpose(0, 1)
+            q, k, v = (t.transpose(0, 1) for t in self._rotated_qkv(x, layer, cos, sin))
             k_cache[slot, :, :n] = k
             v_cache[slot, :, :n] = v
             attn = F.scaled_dot_product_attention(
@@ -219,8 +212,7 @@ class FusedDecoderBackend:
                 scale=self.scaling,
                 enable_gqa=self.groups > 1,
             )
-            x = x + F.linear(attn[0].transpose(0, 1).reshape(n, heads * dim), layer.w_o, layer.b_o)
-            x = x + self._mlp(_rms_norm(x, layer.ln2, layer.ln2_eps), layer)
+            x = self._rest_of_layer(x, attn[0].transpose(0, 1), layer)
         last = _rms_norm(x[-1:], self.norm, self.norm_eps)
         return F.linear(last, self.lm_head, self.lm_head_bias)
 
@@ -228,7 +220,6 @@ class FusedDecoderBackend:
         """Every prompt in one forward pass: the linear layers see all their tokens at once; the C kernel
         writes each prompt's keys and values into its slot and attends causally within it."""
         assert self._attention is not None
-        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         lengths = [len(p) for p in prompts]
         total = sum(lengths)
         ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long)
@@ -240,16 +231,10 @@ class FusedDecoderBackend:
         cos = self.cos.index_select(0, positions).unsqueeze(1)
         sin = self.sin_signed.index_select(0, positions).unsqueeze(1)
         for layer, k_cache, v_cache in zip(self.layers, self.k_cache, self.v_cache, strict=True):
-            h = _rms_norm(x, layer.ln1, layer.ln1_eps)
-            qkv = F.linear(h, layer.w_qkv, layer.b_qkv)
-            qk = qkv[:, : (heads + kv_heads) * dim].view(total, heads + kv_heads, dim)
-            qk = qk * cos + qk.roll(self._half, -1) * sin
-            v_new = qkv[:, (heads + kv_heads) * dim :].view(total, kv_heads, dim)
-            attn = torch.empty(total, heads, dim, dtype=self.dtype)
-            q, k_new = qk[:, :heads], qk[:, heads:]
+            q, k_new, v_new = self._rotated_qkv(x, layer, cos, sin)
+            attn = torch.empty(total, self.num_heads, self.head_dim, dtype=self.dtype)
             self._attention(q, k_new, v_new, attn, k_cache, v_cache, slots_t, starts, counts, self.scaling)
-            x = x + F.linear(attn.view(total, heads * dim), layer.w_o, layer.b_o)
-            x = x + self._mlp(_rms_norm(x, layer.ln2, layer.ln2_eps), layer)
+            x = self._rest_of_layer(x, attn, layer)
         last = torch.tensor(lengths, dtype=torch.long).cumsum(0) - 1
         x = _rms_norm(x.index_select(0, last), self.norm, self.norm_eps)
         return F.linear(x, self.lm_head, self.lm_head_bias)
@@ -259,9 +244,9 @@ class FusedDecoderBackend:
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         rows = self._batch_index[:batch] if slots is None else torch.tensor(slots, device=self.device)
-        width = max(positions) + 1
         kernel = self._attention
         if kernel is None:
+            width = max(positions) + 1
             # [batch, 1, 1, width], additive: 0 where a key position holds this row's tokens (itself
             # included), -inf past them. (An additive mask is cheaper for SDPA on CPU than a boolean one.)
             beyond = (self._arange[:width].unsqueeze(0) > pos.unsqueeze(1)).view(batch, 1, 1, width)
@@ -270,27 +255,41 @@ class FusedDecoderBackend:
         cos = self.cos.index_select(0, pos).unsqueeze(1)
         sin = self.sin_signed.index_select(0, pos).unsqueeze(1)
         for layer, k_cache, v_cache in zip(self.layers, self.k_cache, self.v_cache, strict=True):
-            h = _rms_norm(x, layer.ln1, layer.ln1_eps)
-            qkv = F.linear(h, layer.w_qkv, layer.b_qkv)
-            qk = qkv[:, : (heads + kv_heads) * dim].view(batch, heads + kv_heads, dim)
-            qk = qk * cos + qk.roll(self._half, -1) * sin
-            v_new = qkv[:, (heads + kv_heads) * dim :].view(batch, kv_heads, dim)
+            q, k_new, v_new = self._rotated_qkv(x, layer, cos, sin)
             if kernel is not None:
                 attn = torch.empty(batch, heads, dim, dtype=self.dtype)
-                kernel(qk[:, :heads], qk[:, heads:], v_new, attn, k_cache, v_cache, rows, pos,
-                       self._ones[:batch], self.scaling)  # fmt: skip
+                kernel(q, k_new, v_new, attn, k_cache, v_cache, rows, pos, self._ones[:batch], self.scaling)
             else:
-                k_cache[rows, :, pos] = qk[:, heads:]
+                k_cache[rows, :, pos] = k_new
                 v_cache[rows, :, pos] = v_new
                 if slots is None:
                     keys, values = k_cache[:batch, :, :width], v_cache[:batch, :, :width]
                 else:
                     keys, values = k_cache[rows, :, :width], v_cache[rows, :, :width]
-                q = qk[:, :heads].reshape(batch, kv_heads, self.groups, dim)
-                attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
-            x = x + F.linear(attn.reshape(batch, heads * dim), layer.w_o, layer.b_o)
-            x = x + self._mlp(_rms_norm(x, layer.ln2, layer.ln2_eps), layer)
+                grouped = q.reshape(batch, kv_heads, self.groups, dim)
+                attn = F.scaled_dot_product_attention(
+                    grouped, keys, values, attn_mask=mask, scale=self.scaling
+                )
+            x = self._rest_of_layer(x, attn, layer)
         return F.linear(_rms_norm(x, self.norm, self.norm_eps), self.lm_head, self.lm_head_bias)
+
+    def _rotated_qkv(
+        self, x: torch.Tensor, layer: _Layer, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The layer's queries and keys (rotary applied) and values for `x`'s tokens: views of one
+        projection, [tokens, heads, dim], [tokens, kv_heads, dim], [tokens, kv_heads, dim]."""
+        tokens = x.shape[0]
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = F.linear(_rms_norm(x, layer.ln1, layer.ln1_eps), layer.w_qkv, layer.b_qkv)
+        qk = qkv[:, : (heads + kv_heads) * dim].view(tokens, heads + kv_heads, dim)
+        qk = qk * cos + qk.roll(self._half, -1) * sin
+        v = qkv[:, (heads + kv_heads) * dim :].view(tokens, kv_heads, dim)
+        return qk[:, :heads], qk[:, heads:], v
+
+    def _rest_of_layer(self, x: torch.Tensor, attn: torch.Tensor, layer: _Layer) -> torch.Tensor:
+        """Output projection of the attention ([tokens, heads, dim]) and the MLP, each with its residual."""
+        x = x + F.linear(attn.reshape(x.shape[0], self.num_heads * self.head_dim), layer.w_o, layer.b_o)
+        return x + self._mlp(_rms_norm(x, layer.ln2, layer.ln2_eps), layer)
 
     def _mlp(self, h: torch.Tensor, layer: _Layer) -> torch.Tensor:
         gate_up = F.linear(h, layer.w_gate_up, layer.b_gate_up)
