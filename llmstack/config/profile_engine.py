@@ -43,10 +43,12 @@ def profile_engine_conflict(config_dir: Path, overrides: Sequence[str]) -> Confi
     foreign = sorted(set(profile_doc.get("engine") or {}) - fields)
     if not foreign or written_for is None:
         return None
+    profile_schema = _engine_schema(config_dir, str(written_for))
     siblings = sorted(
-        p.stem for p in (config_dir / "engine").glob("*.yaml")
-        if _engine_schema(config_dir, p.stem) == _engine_schema(config_dir, str(written_for))
-    )  # fmt: skip
+        p.stem
+        for p in (config_dir / "engine").glob("*.yaml")
+        if _engine_schema(config_dir, p.stem) == profile_schema
+    )
     return ConfigError(
         "engine",
         engine,
