@@ -42,6 +42,10 @@ def load(options: WorkerOptions) -> LoadedModel:
         threads = default_cpu_threads()
     if threads is not None:
         torch.set_num_threads(threads)
+    if device.type == "cpu":
+        from llmstack.workers.backends.heap import keep_freed_memory
+
+        keep_freed_memory()
     started = time.perf_counter()
     tokenizer = _load_tokenizer(options)
     if options.backend == "ipex_llm":
