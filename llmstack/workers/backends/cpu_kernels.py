@@ -69,8 +69,8 @@ class CacheAttention:
                 raise ValueError("attention rows need float32 heads and dims contiguous")
         if k_cache.stride() != v_cache.stride() or k_cache.stride(3) != 1:
             raise ValueError("attention needs k and v caches of one layout with dim contiguous")
-        if self._scratch is None or self._scratch.numel() < max_len:
-            self._scratch = torch.empty(max_len, dtype=torch.float32)
+        if self._scratch is None or self._scratch.numel() < group * max_len:
+            self._scratch = torch.empty(group * max_len, dtype=torch.float32)
         s_slot, s_head, s_pos, _ = k_cache.stride()
         status = self._function(
             q.data_ptr(), q.stride(0), k_new.data_ptr(), k_new.stride(0), v_new.data_ptr(), v_new.stride(0),
