@@ -79,6 +79,7 @@ def run(
     *,
     eos: list[int] | None = None,
     during: Callable[[Scheduler, list[str], set[str]], None] | None = None,
+    text_for_stops_only: bool = False,
 ) -> tuple[list[Outcome], Scheduler, list[tuple[int, int]]]:
     """Submit every job at once; return each one's updates, and the published (running, waiting) counts.
 
@@ -107,6 +108,7 @@ def run(
         {skip: decoder_for(loaded.tokenizer, skip) for skip in (True, False)},
         loaded.eos_token_ids if eos is None else eos,
         publish=publish,
+        text_for_stops_only=text_for_stops_only,
     )
     scheduler.start()
     try:
@@ -187,6 +189,20 @@ def test_stop_token_ids_and_stop_strings(loaded: LoadedModel, reference: torch.n
     assert (by_token.final.finish_reason, by_token.final.stop_reason) == ("stop", want[4])
     assert (by_string.final.finish_reason, by_string.final.stop_reason) == ("stop", stop_text)
     assert by_string.text == text[: text.index(stop_text)]
+
+
+def test_in_the_model_process_only_stop_string_requests_get_text(loaded: LoadedModel) -> None:
+    # The model process leaves the text of the others to the server process (text_for_stops_only).
+    ids = prompt(13, 9)
+    jobs = [
+        (ids, SamplingParams(max_tokens=10, temperature=0.0)),
+        (ids, SamplingParams(max_tokens=10, temperature=0.0, stop=("\x00never",))),
+    ]
+    plain, with_stops = run(loaded, jobs, text_for_stops_only=True)[0]
+    reference = run(loaded, jobs)[0]
+    assert plain.tokens == with_stops.tokens == reference[0].tokens
+    assert plain.text == "" and plain.final.finish_reason == "length"
+    assert with_stops.text == reference[1].text == reference[0].text != ""
 
 
 def test_the_context_limit_ends_with_length(loaded: LoadedModel) -> None:

@@ -339,6 +339,55 @@ def test_engine_client_admits_batch_plus_queue_and_counts_what_clients_get() -> 
     assert metrics.ttft.count == 1 and metrics.e2e.count == 1
 
 
+def test_the_server_process_makes_the_text_of_requests_without_stop_strings(tokenizer) -> None:
+    """The model process sends token ids only for requests without stop strings (Scheduler
+    text_for_stops_only); the server process's detokenizer must give the text the scheduler would have."""
+    import asyncio
+
+    from llmstack.workers.backends.base import BackendInfo
+    from llmstack.workers.engine_client import EngineClient, EngineFacts
+    from llmstack.workers.scheduler import Update
+
+    class Client(EngineClient):
+        def alive(self) -> bool:
+            return True
+
+        def _send(self, request) -> None:
+            pass
+
+    facts = EngineFacts(4, 64, [2], BackendInfo("transformers", "fused", "cpu", "float32", None, "llama"))
+    decoders = {skip: decoder_for(tokenizer, skip) for skip in (True, False)}
+    prompt = tokenizer("say", add_special_tokens=False)["input_ids"]
+    # Ends inside a multi-byte character, so that the last update must also release what was held back.
+    output = tokenizer(" héllo 世界", add_special_tokens=False)["input_ids"]
+    output = output + tokenizer("界", add_special_tokens=False)["input_ids"][:1]
+    reference = IncrementalDetokenizer(decoders[True], prompt)
+    expected = [reference.push(t) for t in output]
+    expected[-1] += reference.flush()
+    assert expected[-1], "the output should end with held-back bytes"
+
+    async def main() -> None:
+        client = Client(facts, max_waiting_requests=4, metrics=WorkerMetrics("tiny"), decoders=decoders)
+        client._loop = asyncio.get_running_loop()
+        plain, plain_stream = client.submit(prompt, SamplingParams(len(output)), "cmpl")
+        stopped, stopped_stream = client.submit(prompt, SamplingParams(8, stop=("x",)), "cmpl")
+        failed, failed_stream = client.submit(prompt, SamplingParams(8), "cmpl")
+        last = len(output) - 1
+        client._dispatch(
+            [(plain, Update("", i + 1, t, "length" if i == last else None)) for i, t in enumerate(output)]
+            + [(stopped, Update("made by the model", 1, output[0])), (failed, Update("", 0, -1, "error"))],
+            3,
+            0,
+        )
+        assert [u.text for u in await plain_stream.next_batch()] == expected
+        assert "".join(expected) == tokenizer.decode(prompt + output)[len(tokenizer.decode(prompt)) :]
+        # Requests with stop strings keep the model's text; an update without a token adds none.
+        assert [u.text for u in await stopped_stream.next_batch()] == ["made by the model"]
+        assert [u.text for u in await failed_stream.next_batch()] == [""]
+
+    asyncio.run(main())
+
+
 def test_auto_model_impl_picks_the_cuda_graph_decoder_on_cuda_only() -> None:
     pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmstack.workers.backends.base import BackendInfo
+from llmstack.workers.detokenizer import IncrementalDetokenizer
 from llmstack.workers.metrics import WorkerMetrics
 from llmstack.workers.protocol import WorkerOptions
 from llmstack.workers.sampling import SamplingParams
@@ -59,10 +60,23 @@ class EngineFacts:
 
 
 class EngineClient:
-    """Admission and dispatch, shared by both ways of running the scheduler."""
+    """Admission and dispatch, shared by both ways of running the scheduler.
 
-    def __init__(self, facts: EngineFacts, *, max_waiting_requests: int, metrics: WorkerMetrics) -> None:
+    `decoders` (ids -> text, by skip_special_tokens): given where the scheduler leaves the text of requests
+    without stop strings to this process (`Scheduler(text_for_stops_only=True)`); their streams then get
+    an incremental detokenizer here, fed with each update's token id.
+    """
+
+    def __init__(
+        self,
+        facts: EngineFacts,
+        *,
+        max_waiting_requests: int,
+        metrics: WorkerMetrics,
+        decoders: dict[bool, Callable[[list[int]], str]] | None = None,
+    ) -> None:
         self.facts = facts
+        self._decoders = decoders
         self.max_batch_size = facts.max_batch_size
         self.max_model_len = facts.max_model_len
         self.max_waiting_requests = max_waiting_requests
@@ -87,6 +101,10 @@ class EngineClient:
         assert self._loop is not None
         request_id = f"{prefix}-{os.urandom(12).hex()}"
         stream = RequestStream(self._loop)
+        if self._decoders is not None and not params.stop:
+            stream.detokenizer = IncrementalDetokenizer(
+                self._decoders[params.skip_special_tokens], prompt_ids
+            )
         self._streams[request_id] = stream
         self.metrics.prompt_tokens += len(prompt_ids)
         self._send(GenerationRequest(request_id, prompt_ids, params))
@@ -113,6 +131,11 @@ class EngineClient:
             if stream is None:  # aborted meanwhile
                 continue
             if update.token_id >= 0:
+                detokenizer = stream.detokenizer
+                if detokenizer is not None:
+                    # As the scheduler would: the token's text, and at the end whatever was held back.
+                    text = detokenizer.push(update.token_id)
+                    update.text = text + detokenizer.flush() if update.finish_reason is not None else text
                 metrics.generation_tokens += 1
                 if stream.first_token_at is None:
                     stream.first_token_at = now
@@ -228,11 +251,19 @@ class ModelProcess:
 
 
 class ProcessEngine(EngineClient):
-    """The model loop in a child process, talking over a pipe."""
+    """The model loop in a child process, talking over a pipe. The text of requests without stop strings
+    is made here, from their token ids (`decoders`), so that the model process spends no time on it."""
 
-    def __init__(self, model: ModelProcess, facts: EngineFacts, *, max_waiting_requests: int,
-                 metrics: WorkerMetrics) -> None:  # fmt: skip
-        super().__init__(facts, max_waiting_requests=max_waiting_requests, metrics=metrics)
+    def __init__(
+        self,
+        model: ModelProcess,
+        facts: EngineFacts,
+        *,
+        max_waiting_requests: int,
+        metrics: WorkerMetrics,
+        decoders: dict[bool, Callable[[list[int]], str]],
+    ) -> None:
+        super().__init__(facts, max_waiting_requests=max_waiting_requests, metrics=metrics, decoders=decoders)
         self._model = model
         self._conn = model.conn
         self._dead = False

@@ -4,7 +4,8 @@ Messages (pickled tuples on a multiprocessing Pipe):
   server -> model   ("add", GenerationRequest)  ("abort", request_id)  ("stop", None)
   model -> server   ("ready", EngineFacts) or ("error", message), once, after loading;
                     ("updates", [(request_id, *Update fields), ...], running, waiting), once per
-                    iteration.
+                    iteration; the text field is "" for requests without stop strings (the server
+                    process detokenizes those from the token ids).
 
 A reader thread takes the server's messages (blocked in recv, it holds no GIL); the main thread runs the
 scheduler. The process leaves when told to stop, when the pipe closes (the server process is gone), or, as
@@ -67,6 +68,8 @@ def main(conn: Any, options: WorkerOptions) -> None:
         {skip: decoder_for(loaded.tokenizer, skip) for skip in (True, False)},
         loaded.eos_token_ids,
         publish=publish,
+        # The server process detokenizes the rest (ProcessEngine), on the other core.
+        text_for_stops_only=True,
     )
     facts = EngineFacts(
         options.max_batch_size, loaded.max_model_len, loaded.eos_token_ids, loaded.backend.info()

@@ -62,6 +62,14 @@ class SamplerRow:
     # min_tokens.
     eos_ids: frozenset[int]
     generator: torch.Generator | None = field(default=None)
+    # Greedy with nothing to mask or penalize at any step: its token is the argmax of its logits. Decided
+    # once; the sampler checks the other rows at every step.
+    argmax_only: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        p = self.params
+        masks = p.min_tokens > 0 and bool(self.eos_ids or p.stop_token_ids)
+        self.argmax_only = p.greedy and not p.penalized and not masks
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -77,6 +85,8 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplerRow]) -> list[int]:
     """One token per row of `logits` ([len(rows), vocab], float32)."""
     import torch
 
+    if all(row.argmax_only for row in rows):
+        return _argmax_rows(logits)
     needs_processing = [i for i, row in enumerate(rows) if _needs_processing(row)]
     if not needs_processing and all(row.params.greedy for row in rows):
         return _argmax_rows(logits)

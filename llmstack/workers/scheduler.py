@@ -8,7 +8,10 @@ Each iteration:
   5. publishes all of the iteration's updates at once: `publish(updates, running, waiting)`.
 
 The scheduler runs in the model process (`engine_process.py`) or in a thread of the server process
-(`engine_client.ThreadEngine`); `publish` is what differs (a pipe write, or `call_soon_threadsafe`). It
+(`engine_client.ThreadEngine`); `publish` is what differs (a pipe write, or `call_soon_threadsafe`). In the
+model process it detokenizes only the sequences that have stop strings (their text decides when they
+stop); the others' updates carry token ids, and the server process turns them into text, on the other
+core, as vLLM's V1 engine does (`text_for_stops_only`). It
 never touches asyncio objects or HTTP, and the front end never touches the backend. Requests carry their
 own sampling parameters and stop conditions, so any mix shares a forward pass. Admission limits (how many
 may wait) are the front end's: it answers 503 before a request gets here.
@@ -63,7 +66,8 @@ class _Sequence:
     seq_id: int
     request: GenerationRequest
     row: SamplerRow
-    detokenizer: IncrementalDetokenizer
+    # None: its text is made by the front end (see `text_for_stops_only`).
+    detokenizer: IncrementalDetokenizer | None
     stops: StopChecker
     eos_ids: frozenset[int]
     output_ids: list[int]
@@ -85,8 +89,12 @@ class Scheduler:
         eos_token_ids: Sequence[int],
         *,
         publish: Publish,
+        text_for_stops_only: bool = False,
     ) -> None:
+        """`text_for_stops_only`: only sequences with stop strings are detokenized here; the updates of the
+        others carry text "" and their token ids, for the front end to detokenize."""
         self.backend = backend
+        self._text_for_stops_only = text_for_stops_only
         # ids -> text, by skip_special_tokens.
         self._decoders = decoders
         self._eos_ids = frozenset(eos_token_ids)
@@ -197,7 +205,9 @@ class Scheduler:
                 row=SamplerRow(params, request.prompt_ids, output_ids, eos),
                 detokenizer=IncrementalDetokenizer(
                     self._decoders[params.skip_special_tokens], request.prompt_ids
-                ),
+                )
+                if params.stop or not self._text_for_stops_only
+                else None,
                 stops=StopChecker(params.stop),
                 eos_ids=eos,
                 output_ids=output_ids,
@@ -232,7 +242,8 @@ class Scheduler:
         output.append(token)
         seq.next_token = token
         count = len(output)
-        delta = seq.detokenizer.push(token)
+        detokenizer = seq.detokenizer
+        delta = detokenizer.push(token) if detokenizer is not None else ""
         finish_reason: str | None = None
         stop_reason: str | int | None = None
         if seq.has_stops:
@@ -249,9 +260,9 @@ class Scheduler:
             else:
                 self._outbox.append((seq.request.request_id, Update(delta, count, token)))
                 return
-        if not isinstance(stop_reason, str):
+        if detokenizer is not None and not isinstance(stop_reason, str):
             # Ending for another reason than a stop string: release what was held back.
-            rest = seq.detokenizer.flush()
+            rest = detokenizer.flush()
             if seq.has_stops:
                 more, stop_string = seq.stops.add(rest)
                 delta += more

@@ -16,13 +16,23 @@ from typing import Any
 
 from starlette.responses import Response
 
+from llmstack.workers.detokenizer import IncrementalDetokenizer
 from llmstack.workers.scheduler import Update
 
 logger = logging.getLogger(__name__)
 
 
 class RequestStream:
-    __slots__ = ("_loop", "_updates", "_waiter", "arrival", "closed", "finished", "first_token_at")
+    __slots__ = (
+        "_loop",
+        "_updates",
+        "_waiter",
+        "arrival",
+        "closed",
+        "detokenizer",
+        "finished",
+        "first_token_at",
+    )
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -33,6 +43,8 @@ class RequestStream:
         # perf_counter() at submission, and when the first token was handed over (metrics).
         self.arrival = time.perf_counter()
         self.first_token_at: float | None = None
+        # Set where this process makes the request's text from its token ids (engine_client.ProcessEngine).
+        self.detokenizer: IncrementalDetokenizer | None = None
 
     def put(self, update: Update) -> None:
         if update.finish_reason is not None:
