@@ -18,7 +18,7 @@ pytest.importorskip("transformers")
 
 from llmstack.models.tiny import ensure_tiny_model  # noqa: E402
 from llmstack.workers.backends import LoadedModel, cpu_kernels, load  # noqa: E402
-from llmstack.workers.detokenizer import decoder_for  # noqa: E402
+from llmstack.workers.detokenizer import decoders_for  # noqa: E402
 from llmstack.workers.protocol import WorkerOptions  # noqa: E402
 from llmstack.workers.sampling import SamplingParams  # noqa: E402
 from llmstack.workers.scheduler import GenerationRequest, Scheduler, Update  # noqa: E402
@@ -105,7 +105,7 @@ def run(
 
     scheduler = Scheduler(
         loaded.backend,
-        {skip: decoder_for(loaded.tokenizer, skip) for skip in (True, False)},
+        decoders_for(loaded.tokenizer),
         loaded.eos_token_ids if eos is None else eos,
         publish=publish,
         text_for_stops_only=text_for_stops_only,

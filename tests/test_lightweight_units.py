@@ -157,7 +157,12 @@ def test_interpreter_without_ipex_llm_is_refused(compose_cfg, tmp_path: Path) ->
 # -- sampler -----------------------------------------------------------------------------------------------
 torch = pytest.importorskip("torch")
 
-from llmstack.workers.detokenizer import IncrementalDetokenizer, StopChecker, decoder_for  # noqa: E402
+from llmstack.workers.detokenizer import (  # noqa: E402
+    IncrementalDetokenizer,
+    StopChecker,
+    decoder_for,
+    decoders_for,
+)
 from llmstack.workers.metrics import WorkerMetrics  # noqa: E402
 from llmstack.workers.sampling import SamplerRow, SamplingParams, make_generator, sample  # noqa: E402
 
@@ -356,7 +361,7 @@ def test_the_server_process_makes_the_text_of_requests_without_stop_strings(toke
             pass
 
     facts = EngineFacts(4, 64, [2], BackendInfo("transformers", "fused", "cpu", "float32", None, "llama"))
-    decoders = {skip: decoder_for(tokenizer, skip) for skip in (True, False)}
+    decoders = decoders_for(tokenizer)
     prompt = tokenizer("say", add_special_tokens=False)["input_ids"]
     # Ends inside a multi-byte character, so that the last update must also release what was held back.
     output = tokenizer(" héllo 世界", add_special_tokens=False)["input_ids"]

@@ -27,6 +27,11 @@ def decoder_for(tokenizer: Any, skip_special_tokens: bool = True) -> Callable[[l
     return lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
+def decoders_for(tokenizer: Any) -> dict[bool, Callable[[list[int]], str]]:
+    """decoder_for each value of skip_special_tokens (requests choose per request)."""
+    return {skip: decoder_for(tokenizer, skip) for skip in (True, False)}
+
+
 class IncrementalDetokenizer:
     __slots__ = ("_decode", "_ids", "_prefix_offset", "_read_offset")
 

@@ -32,7 +32,7 @@ from llmstack.workers.detokenizer import IncrementalDetokenizer
 from llmstack.workers.metrics import WorkerMetrics
 from llmstack.workers.protocol import WorkerOptions
 from llmstack.workers.sampling import SamplingParams
-from llmstack.workers.scheduler import GenerationRequest, Scheduler, Update
+from llmstack.workers.scheduler import GenerationRequest, Scheduler, Update, text_needed_beside_model
 from llmstack.workers.streams import RequestStream
 
 logger = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class EngineClient:
         assert self._loop is not None
         request_id = f"{prefix}-{os.urandom(12).hex()}"
         stream = RequestStream(self._loop)
-        if self._decoders is not None and not params.stop:
+        if self._decoders is not None and not text_needed_beside_model(params):
             stream.detokenizer = IncrementalDetokenizer(
                 self._decoders[params.skip_special_tokens], prompt_ids
             )
@@ -171,13 +171,13 @@ class EngineClient:
 class ThreadEngine(EngineClient):
     def __init__(self, options: WorkerOptions, metrics: WorkerMetrics) -> None:
         from llmstack.workers.backends import load
-        from llmstack.workers.detokenizer import decoder_for
+        from llmstack.workers.detokenizer import decoders_for
 
         loaded = load(options)
         self.tokenizer = loaded.tokenizer
         self.scheduler = Scheduler(
             loaded.backend,
-            {skip: decoder_for(loaded.tokenizer, skip) for skip in (True, False)},
+            decoders_for(loaded.tokenizer),
             loaded.eos_token_ids,
             publish=self._publish,
         )

@@ -43,7 +43,7 @@ def main(conn: Any, options: WorkerOptions) -> None:
         stream=sys.stdout,
     )
     from llmstack.workers.backends import BackendError, load
-    from llmstack.workers.detokenizer import decoder_for
+    from llmstack.workers.detokenizer import decoders_for
     from llmstack.workers.engine_client import EngineFacts
     from llmstack.workers.scheduler import Scheduler
 
@@ -65,7 +65,7 @@ def main(conn: Any, options: WorkerOptions) -> None:
 
     scheduler = Scheduler(
         loaded.backend,
-        {skip: decoder_for(loaded.tokenizer, skip) for skip in (True, False)},
+        decoders_for(loaded.tokenizer),
         loaded.eos_token_ids,
         publish=publish,
         # The server process detokenizes the rest (ProcessEngine), on the other core.

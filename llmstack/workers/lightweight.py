@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _start_engine(options: WorkerOptions, metrics: Any) -> tuple[Any, Any]:
     """The model loop's client (the model loaded) and this process's tokenizer."""
-    from llmstack.workers.detokenizer import decoder_for
+    from llmstack.workers.detokenizer import decoders_for
     from llmstack.workers.engine_client import ModelProcess, ProcessEngine, ThreadEngine
 
     if not options.model_process:
@@ -92,9 +92,8 @@ def _start_engine(options: WorkerOptions, metrics: Any) -> tuple[Any, Any]:
     except BaseException:
         model.stop()
         raise
-    decoders = {skip: decoder_for(tokenizer, skip) for skip in (True, False)}
     engine = ProcessEngine(model, facts, max_waiting_requests=options.max_waiting_requests, metrics=metrics,
-                           decoders=decoders)  # fmt: skip
+                           decoders=decoders_for(tokenizer))  # fmt: skip
     return engine, tokenizer
 
 

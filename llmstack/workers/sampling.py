@@ -62,14 +62,15 @@ class SamplerRow:
     # min_tokens.
     eos_ids: frozenset[int]
     generator: torch.Generator | None = field(default=None)
-    # Greedy with nothing to mask or penalize at any step: its token is the argmax of its logits. Decided
-    # once; the sampler checks the other rows at every step.
+    # Decided once: whether some token must be masked while fewer than min_tokens were generated, and
+    # whether the row is greedy with nothing to mask or penalize at any step (its token is the argmax).
+    masks_under_min_tokens: bool = field(init=False)
     argmax_only: bool = field(init=False)
 
     def __post_init__(self) -> None:
         p = self.params
-        masks = p.min_tokens > 0 and bool(self.eos_ids or p.stop_token_ids)
-        self.argmax_only = p.greedy and not p.penalized and not masks
+        self.masks_under_min_tokens = p.min_tokens > 0 and bool(self.eos_ids or p.stop_token_ids)
+        self.argmax_only = p.greedy and not p.penalized and not self.masks_under_min_tokens
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -122,7 +123,7 @@ def _argmax_rows(logits: torch.Tensor) -> list[int]:
 
 def _needs_processing(row: SamplerRow) -> bool:
     p = row.params
-    return p.penalized or (len(row.output_ids) < p.min_tokens and bool(row.eos_ids or p.stop_token_ids))
+    return p.penalized or (row.masks_under_min_tokens and len(row.output_ids) < p.min_tokens)
 
 
 def _process_row(row_logits: torch.Tensor, row: SamplerRow) -> None:

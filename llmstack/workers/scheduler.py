@@ -57,6 +57,13 @@ class GenerationRequest:
     params: SamplingParams
 
 
+def text_needed_beside_model(params: SamplingParams) -> bool:
+    """Whether a request's text must be made where the model runs: its stop strings, found in the text,
+    decide when it stops. Other requests' text may be made by the front end from their token ids
+    (`Scheduler(text_for_stops_only=True)` with `EngineClient(decoders=...)`)."""
+    return bool(params.stop)
+
+
 # publish(updates of this iteration as (request_id, update), running sequences, waiting requests)
 Publish = Callable[[list[tuple[str, Update]], int, int], None]
 
@@ -206,7 +213,7 @@ class Scheduler:
                 detokenizer=IncrementalDetokenizer(
                     self._decoders[params.skip_special_tokens], request.prompt_ids
                 )
-                if params.stop or not self._text_for_stops_only
+                if text_needed_beside_model(params) or not self._text_for_stops_only
                 else None,
                 stops=StopChecker(params.stop),
                 eos_ids=eos,
