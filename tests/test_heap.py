@@ -14,12 +14,11 @@ pytest.importorskip("torch")
 # 10 times to settle and 20 times measured; prints the page faults the measured passes took.
 SCRIPT = """
 import resource, sys, torch
-from llmstack.workers.backends.heap import keep_freed_memory
+from llmstack.workers.backends.heap import M_MMAP_THRESHOLD, glibc, keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 else:  # what glibc does to a block above its mmap threshold: unmapped on free, fresh pages next time
-    import ctypes
-    assert ctypes.CDLL("libc.so.6").mallopt(-3, 128 << 10) == 1  # M_MMAP_THRESHOLD, fixed at its default
+    assert glibc().mallopt(M_MMAP_THRESHOLD, 128 << 10) == 1  # fixed at its starting value
 def forward():
     live = [torch.ones(1 << 20) for _ in range(8)]
     del live

@@ -19,24 +19,33 @@ import sys
 logger = logging.getLogger(__name__)
 
 # mallopt parameters (glibc's malloc.h).
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
 # glibc's largest mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX); larger values are refused.
 MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 1 << 30
 
 
-def keep_freed_memory() -> bool:
-    """Raise glibc's mmap and trim thresholds for this process. False where this is not glibc."""
+def glibc() -> ctypes.CDLL | None:
+    """This process's C library, where it is glibc with mallopt; None elsewhere (musl and others have their
+    own policies and no mallopt)."""
     if sys.platform != "linux":
-        return False
+        return None
     libc = None
     with contextlib.suppress(OSError):
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     if libc is None or not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
-        return False  # musl and others: their own policies, no mallopt
-    kept = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
-    kept = libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and kept
+        return None
+    return libc
+
+
+def keep_freed_memory() -> bool:
+    """Raise glibc's mmap and trim thresholds for this process. False where this is not glibc."""
+    libc = glibc()
+    if libc is None:
+        return False
+    kept = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+    kept = libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and kept
     if not kept:
         logger.warning("mallopt refused the heap thresholds; large tensors come from fresh pages")
     return kept
