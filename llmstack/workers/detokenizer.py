@@ -16,8 +16,12 @@ from typing import Any
 _CONTEXT_TOKENS = 5
 _REPLACEMENT = "\ufffd"
 
+Decode = Callable[[list[int]], str]
+# A Decode for each value of skip_special_tokens (requests choose per request).
+Decoders = dict[bool, Decode]
 
-def decoder_for(tokenizer: Any, skip_special_tokens: bool = True) -> Callable[[list[int]], str]:
+
+def decoder_for(tokenizer: Any, skip_special_tokens: bool = True) -> Decode:
     """The fastest decode available: the Rust tokenizer directly when the tokenizer is a fast one."""
     backend = getattr(tokenizer, "_tokenizer", None)
     # Fast tokenizers' decode() only adds Python-side clean-up on top of this (off for modern models).
@@ -27,7 +31,7 @@ def decoder_for(tokenizer: Any, skip_special_tokens: bool = True) -> Callable[[l
     return lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
-def decoders_for(tokenizer: Any) -> dict[bool, Callable[[list[int]], str]]:
+def decoders_for(tokenizer: Any) -> Decoders:
     """decoder_for each value of skip_special_tokens (requests choose per request)."""
     return {skip: decoder_for(tokenizer, skip) for skip in (True, False)}
 
@@ -35,7 +39,7 @@ def decoders_for(tokenizer: Any) -> dict[bool, Callable[[list[int]], str]]:
 class IncrementalDetokenizer:
     __slots__ = ("_decode", "_ids", "_prefix_offset", "_read_offset")
 
-    def __init__(self, decode: Callable[[list[int]], str], prompt_ids: Sequence[int]) -> None:
+    def __init__(self, decode: Decode, prompt_ids: Sequence[int]) -> None:
         self._decode = decode
         self._ids = list(prompt_ids[-_CONTEXT_TOKENS:])
         self._prefix_offset = 0

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmstack.workers.backends.base import BackendInfo
-from llmstack.workers.detokenizer import IncrementalDetokenizer
+from llmstack.workers.detokenizer import Decoders, IncrementalDetokenizer
 from llmstack.workers.metrics import WorkerMetrics
 from llmstack.workers.protocol import WorkerOptions
 from llmstack.workers.sampling import SamplingParams
@@ -73,7 +73,7 @@ class EngineClient:
         *,
         max_waiting_requests: int,
         metrics: WorkerMetrics,
-        decoders: dict[bool, Callable[[list[int]], str]] | None = None,
+        decoders: Decoders | None = None,
     ) -> None:
         self.facts = facts
         self._decoders = decoders
@@ -261,7 +261,7 @@ class ProcessEngine(EngineClient):
         *,
         max_waiting_requests: int,
         metrics: WorkerMetrics,
-        decoders: dict[bool, Callable[[list[int]], str]],
+        decoders: Decoders,
     ) -> None:
         super().__init__(facts, max_waiting_requests=max_waiting_requests, metrics=metrics, decoders=decoders)
         self._model = model

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from llmstack.workers.detokenizer import IncrementalDetokenizer, StopChecker
+from llmstack.workers.detokenizer import Decoders, IncrementalDetokenizer, StopChecker
 from llmstack.workers.sampling import SamplerRow, SamplingParams, make_generator, sample
 
 if TYPE_CHECKING:
@@ -92,7 +92,7 @@ class Scheduler:
     def __init__(
         self,
         backend: Backend,
-        decoders: dict[bool, Callable[[list[int]], str]],
+        decoders: Decoders,
         eos_token_ids: Sequence[int],
         *,
         publish: Publish,
