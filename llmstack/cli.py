@@ -10,7 +10,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from llmstack.errors import LlmstackError
+from llmstack.errors import Interrupted, LlmstackError
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -29,22 +29,80 @@ def _full_error() -> bool:
 
 
 def run_task(cfg: DictConfig) -> int:
-    """Run one composed config; the exit status."""
+    """Run one composed config; the exit status (README, "Exit status")."""
+    from llmstack import interrupts
     from llmstack.logs import setup_console_logging
     from llmstack.run import run
 
     setup_console_logging()
+    interrupts.capture()
+    tolerate_closed_stdout()
     try:
+        interrupts.check()  # a signal during composition
         run(cfg, CONFIG_DIR)
+    except Interrupted as exc:
+        print(f"llmstack: {exc}", file=sys.stderr)
+        return exc.exit_code
     except LlmstackError as exc:
         if _full_error():
             traceback.print_exc()
         print(f"llmstack: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("llmstack: interrupted", file=sys.stderr)
+        print("llmstack: interrupted by SIGINT", file=sys.stderr)
         return 130
+    except Exception as exc:
+        from llmstack.run import describe_unexpected
+
+        if _full_error():
+            traceback.print_exc()
+        notes = [n for n in getattr(exc, "__notes__", ()) if n.startswith("llmstack: ")]
+        hint = "" if _full_error() else " (LLMSTACK_FULL_ERROR=1 shows the traceback)"
+        print(notes[0] if notes else f"llmstack: {describe_unexpected(exc)}{hint}", file=sys.stderr)
+        return 1
     return 0
+
+
+def tolerate_closed_stdout() -> None:
+    """`llmstack ... | head -2`: once the reader has gone, what is printed is dropped and the run goes on
+    (its results are in files); Python's default would end the run with BrokenPipeError."""
+    if not isinstance(sys.stdout, _DroppingWhenClosed):
+        sys.stdout = _DroppingWhenClosed(sys.stdout)
+
+
+class _DroppingWhenClosed:
+    def __init__(self, stream: object) -> None:
+        self._stream = stream
+        self._closed = False
+
+    def write(self, text: str) -> int:
+        if not self._closed:
+            try:
+                return self._stream.write(text)  # type: ignore[attr-defined]
+            except (BrokenPipeError, ValueError):
+                self._gone()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._closed:
+            try:
+                self._stream.flush()  # type: ignore[attr-defined]
+            except (BrokenPipeError, ValueError):
+                self._gone()
+
+    def _gone(self) -> None:
+        self._closed = True
+        # Python flushes stdout once more at exit, into the same broken pipe: point the descriptor at
+        # /dev/null so that it finds nothing to complain about.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())  # type: ignore[attr-defined]
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._stream, name)
 
 
 def _hydra_task(cfg: DictConfig) -> None:

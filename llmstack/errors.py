@@ -66,7 +66,37 @@ class BenchmarkError(LlmstackError):
     exit_code = 4
 
 
-class Interrupted(LlmstackError):
-    """Ctrl-C or SIGTERM: the run was stopped on request."""
+class ResultsError(LlmstackError):
+    """A result could not be written (a full disk, a read-only mount)."""
 
-    exit_code = 130
+    exit_code = 1
+
+
+class Interrupted(BaseException):
+    """A stop signal (Ctrl-C, SIGTERM, SIGHUP): the run was stopped on request, which is not a failure.
+
+    Outside the LlmstackError tree, as KeyboardInterrupt is outside Exception, so that nothing that handles
+    failures swallows it: a grid stops instead of recording a failed job and starting the next one. The
+    exit status is the shell's for a death by that signal: 130 (SIGINT), 143 (SIGTERM), 129 (SIGHUP).
+    """
+
+    def __init__(self, signum: int, where: str | None = None) -> None:
+        self.signum = int(signum)
+        self.where = where
+        super().__init__(self.signum, where)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    @property
+    def signal_name(self) -> str:
+        import signal
+
+        try:
+            return signal.Signals(self.signum).name
+        except ValueError:
+            return f"signal {self.signum}"
+
+    def __str__(self) -> str:
+        return f"interrupted by {self.signal_name}" + (f" during {self.where}" if self.where else "")

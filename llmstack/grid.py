@@ -2,8 +2,11 @@
 
 Each job runs in results/<experiment_name>/<its overrides>/. A job whose summary.json says "ok" is skipped
 (resume for free; `rerun=true` forces it). A job that fails (invalid combination, engine crash, benchmark
-error) writes failure.json there and the grid goes on. At the end, GridCallback writes the experiment's
-summary table and plots, and the grid's exit status is the number of jobs that failed.
+error, an error of llmstack's own) writes failure.json there and the grid goes on. At the end, GridCallback
+writes the experiment's summary table and plots, and the grid's exit status is the number of jobs that
+failed. A stop signal (Ctrl-C, SIGTERM, SIGHUP) is not a failure: the grid stops at once, the job's
+summary says "interrupted", the exit status is the signal's (130, 143, 129), and the next run of the same
+grid resumes with that job. Secrets (`engine.api_key=...`) are not part of job names.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from llmstack.errors import EngineError, LlmstackError
+from llmstack.config.secrets import is_secret_override, mask_override, scrub, secret_values
+from llmstack.errors import EngineError, Interrupted
 from llmstack.results.rundir import RunDir
 
 logger = logging.getLogger(__name__)
@@ -66,7 +70,11 @@ def job_dir_name(overrides: list[str]) -> str:
     Group choices (`low_bit=bf16`) come first, then keys (`engine.max_num_seqs=8`), each sorted, so that a
     name cut short (with a hash to stay unique) still shows what matters most.
     """
-    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in NOT_IDENTITY]
+    kept = [
+        o
+        for o in overrides
+        if o.split("=", 1)[0].lstrip("+~") not in NOT_IDENTITY and not is_secret_override(o)
+    ]
     kept.sort(key=lambda o: ("." in o.split("=", 1)[0], o.lstrip("+~")))
     name = _UNSAFE.sub("_", ",".join(kept)) or "default"
     if len(name) > _MAX_NAME:
@@ -83,15 +91,15 @@ def job_is_done(job_dir: Path) -> bool:
 
 
 def run_grid_job(cfg: DictConfig, config_dir: Path, job: GridJob) -> dict[str, Any]:
-    """Run one job; never raises for a failed job (the grid must go on), only for Ctrl-C."""
-    from llmstack.run import Session, prepare
+    """Run one job; never raises for a failed job (the grid must go on), only for a stop signal."""
+    from llmstack.run import Session, describe_unexpected, prepare
 
     job_dir = Path(str(cfg.results_dir)) / str(cfg.experiment_name) / job.name
     if job_is_done(job_dir) and not cfg.get("rerun", False):
         logger.info("job %d %s: done before, skipped (rerun=true runs it again)", job.index, job.name)
         return {"status": "skipped", "run_dir": str(job_dir)}
     if job_dir.exists():
-        shutil.rmtree(job_dir)  # a failed or forced job starts clean
+        shutil.rmtree(job_dir)  # a failed, interrupted or forced job starts clean
     logger.info("job %d: %s", job.index, job.name)
     phase = "validate"
     session: Session | None = None
@@ -102,26 +110,36 @@ def run_grid_job(cfg: DictConfig, config_dir: Path, job: GridJob) -> dict[str, A
         session = Session(run, plan, rundir=RunDir.exact(job_dir))
         phase = "run"
         return session.execute()
-    except LlmstackError as exc:
+    except Interrupted:
+        logger.warning("grid stopped in job %d (%s); the next run resumes with it", job.index, job.name)
+        raise
+    except Exception as exc:
         if session is not None:
             phase = str(session.summary.get("phase", phase))
         write_failure(job_dir, job, phase, exc)
-        logger.error("job %d failed in %s: %s", job.index, phase, str(exc).splitlines()[0])
-        return {"status": "failed", "phase": phase, "error": str(exc)}
+        message = str(exc) if hasattr(exc, "exit_code") else describe_unexpected(exc)
+        logger.error("job %d failed in %s: %s", job.index, phase, message.splitlines()[0])
+        return {"status": "failed", "phase": phase, "error": message}
 
 
-def write_failure(job_dir: Path, job: GridJob, phase: str, exc: LlmstackError) -> None:
+def write_failure(job_dir: Path, job: GridJob, phase: str, exc: Exception) -> None:
+    from llmstack.run import describe_unexpected
+
+    secrets = secret_values(job.overrides)
+    known = hasattr(exc, "exit_code")  # one of llmstack's own errors
+    error = str(exc).split("\nLast lines of the engine log:")[0] if known else describe_unexpected(exc)
+    tail = [scrub(line, secrets) for line in exc.log_tail] if isinstance(exc, EngineError) else []
     rundir = RunDir.exact(job_dir)
     rundir.write_json(
         "failure.json",
         {
             "job": job.name,
-            "overrides": job.overrides,
+            "overrides": [mask_override(o) for o in job.overrides],
             "phase": phase,
             "error_type": type(exc).__name__,
-            "error": str(exc).split("\nLast lines of the engine log:")[0],
-            "exit_code": exc.exit_code,
-            "log_tail": exc.log_tail if isinstance(exc, EngineError) else [],
+            "error": scrub(error, secrets),
+            "exit_code": getattr(exc, "exit_code", 1),
+            "log_tail": tail,
             "failed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
     )

@@ -24,8 +24,26 @@ def setup_console_logging() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
+class _RunLogHandler(logging.FileHandler):
+    """The run's llmstack.log. If it cannot be written (a full disk), it says so once and then stays quiet:
+    logging's default prints a traceback to stderr for every record."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not getattr(self, "_failed", False):
+            self._failed = True
+            print(f"llmstack: cannot write {self.baseFilename}; the run goes on without it", file=sys.stderr)
+
+
 def add_file_logging(path: Path) -> logging.Handler:
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = _RunLogHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter(_FORMAT))
     logging.getLogger().addHandler(handler)
     return handler
+
+
+def file_only_logger(handler: logging.Handler) -> logging.Logger:
+    """A logger that writes to `handler` only: tracebacks for the run's log, not for the console."""
+    log = logging.getLogger("llmstack.run.file")
+    log.propagate = False
+    log.handlers = [handler]
+    return log

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import socket
 import sys
 import time
@@ -12,12 +13,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from llmstack import interrupts
 from llmstack.config.resolve import resolve, to_run_config
 from llmstack.config.schema import RunConfig
 from llmstack.config.validate import validate
 from llmstack.engines import get_engine
 from llmstack.engines.plan import LaunchPlan
-from llmstack.errors import LlmstackError
+from llmstack.errors import Interrupted, LlmstackError, ResultsError
 from llmstack.results.rundir import RunDir
 
 logger = logging.getLogger(__name__)
@@ -52,7 +54,13 @@ def prepare(cfg: DictConfig, config_dir: Path) -> tuple[RunConfig, LaunchPlan]:
 
 
 class Session:
-    """The live part of a run. Everything it starts is stopped before execute() returns or raises."""
+    """The live part of a run. Everything it starts is stopped before execute() returns or raises.
+
+    summary.json says what happened, whatever happened: it is written when the run starts (status
+    "running"), at every phase and after every load level, and at the end with the outcome: "ok",
+    "failed" (with the error and the exit status) or "interrupted" (with the signal and the phase it
+    landed in). A launcher killed outright leaves the last of these, with its pid.
+    """
 
     def __init__(self, run: RunConfig, plan: LaunchPlan, rundir: RunDir | None = None) -> None:
         self.run = run
@@ -67,46 +75,108 @@ class Session:
             "low_bit": run.low_bit.name,
             "device": run.device.name,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "launcher_pid": os.getpid(),
         }
+        self._save_error: str | None = None
 
     def execute(self) -> dict[str, Any]:
-        from llmstack.bench.phase import needs_server
-        from llmstack.logs import add_file_logging
-        from llmstack.supervisor import ServerProcess, terminate_raises
+        from llmstack.logs import add_file_logging, file_only_logger
 
         handler = add_file_logging(self.rundir.file("llmstack.log"))
         logger.info("run directory: %s", self.rundir.path)
+        self._save()
         try:
-            with terminate_raises():
-                self._prepare_model()
-                if not needs_server(self.run.benchmark.phase):
-                    self._record_inputs()
-                    self._run_benchmark(self._prepare_benchmark(), None)  # offline: the phase runs the engine
-                else:
-                    self.summary["phase"] = "startup"
-                    echo = _engine_echo if self.run.show_engine_log else _engine_echo_problems
-                    with ServerProcess(self.plan, self.rundir.file(self.plan.log_name), echo=echo) as server:
-                        # The engine takes many seconds to load: record and build prompts meanwhile, not
-                        # before (a bad dataset still fails within seconds, and the engine is stopped).
-                        self._record_inputs()
-                        phase = self._prepare_benchmark()
-                        self.summary["phase"] = "startup"
-                        self.summary["ready_s"] = round(server.wait_ready(), 3)
-                        if phase is not None:
-                            server.echo = _engine_echo_problems  # keep the benchmark output readable
-                        self._after_ready(server, phase)
-            self.summary["status"] = "ok"
-        except (LlmstackError, KeyboardInterrupt) as exc:
-            self.summary["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-            self.summary["error"] = str(exc) if str(exc) else type(exc).__name__
+            self._run()
+            interrupts.check()  # a signal that landed during teardown
+            self._outcome("ok", 0)
+        except Interrupted as exc:
+            self._outcome("interrupted", exc.exit_code, signal=exc.signal_name)
+            raise
+        except KeyboardInterrupt:  # where signals raise (llmstack embedded, not through its CLI)
+            self._outcome("interrupted", 130, signal="SIGINT")
+            raise
+        except LlmstackError as exc:
+            self._outcome("failed", exc.exit_code, error=str(exc) or type(exc).__name__)
+            raise
+        except BaseException as exc:
+            file_only_logger(handler).error("internal error", exc_info=True)
+            text = describe_unexpected(exc)
+            self._outcome("failed", 1, error=text, error_type=type(exc).__name__)
+            exc.add_note(f"llmstack: {text}; the traceback is in {self.rundir.file('llmstack.log')}")
             raise
         finally:
-            self.summary["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            self.rundir.write_json("summary.json", self.summary)
             self._record_doctor()
+            if self.summary["status"] == "ok" and interrupts.requested():
+                self.summary["phase"] = "recording"
+                self._outcome("interrupted", interrupts.interrupted().exit_code,
+                              signal=interrupts.interrupted().signal_name)  # fmt: skip
+            self.summary["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            self._save()
             logging.getLogger().removeHandler(handler)
             handler.close()
+        interrupts.check()  # a signal that landed while the run was being recorded
+        if self._save_error is not None:
+            raise ResultsError(f"the run's summary could not be written: {self._save_error}")
         return self.summary
+
+    def _run(self) -> None:
+        from llmstack.bench.phase import needs_server
+        from llmstack.supervisor import ServerProcess
+
+        self._enter("model")
+        self._prepare_model()
+        if not needs_server(self.run.benchmark.phase):
+            self._record_inputs()
+            phase = self._prepare_benchmark()
+            self._enter("benchmark")
+            phase.run(None)  # offline: the phase runs the engine itself
+            return
+        self._enter("startup")
+        echo = _engine_echo if self.run.show_engine_log else _engine_echo_problems
+        with ServerProcess(self.plan, self.rundir.file(self.plan.log_name), echo=echo) as server:
+            # The engine takes many seconds to load: record and build prompts meanwhile, not before (a bad
+            # dataset still fails within seconds, and the engine is stopped).
+            self._record_inputs()
+            phase = self._prepare_benchmark()
+            self._enter("startup")
+            self.summary["ready_s"] = round(server.wait_ready(), 3)
+            if phase is None:
+                self._enter("serving")
+                logger.info(
+                    "serving %s at %s/v1 — Ctrl-C to stop",
+                    self.plan.probe.served_name,
+                    self.plan.probe.base_url,
+                )
+                server.wait()
+                return
+            server.echo = _engine_echo_problems  # keep the benchmark output readable
+            self._enter("benchmark")
+            phase.run(server)
+            server.check_healthy("at the end of the benchmark")
+            self._enter("teardown")
+
+    def _enter(self, phase: str) -> None:
+        """A phase boundary: recorded on disk, and a place where a stop signal ends the run."""
+        self.summary["phase"] = phase
+        self._save()
+        interrupts.check()
+
+    def _outcome(self, status: str, exit_code: int, **details: Any) -> None:
+        self.summary["status"] = status
+        self.summary["exit_code"] = exit_code
+        for key in ("signal", "error", "error_type"):
+            self.summary.pop(key, None)
+        self.summary.update(details)
+
+    def _save(self) -> None:
+        """summary.json as it stands; a failure to write it is remembered (and fails the run), not raised
+        here: it must not hide the run's own outcome."""
+        try:
+            self.rundir.write_json("summary.json", self.summary)
+        except (OSError, ResultsError) as exc:
+            if self._save_error is None:
+                logger.error("cannot write %s: %s", self.rundir.file("summary.json"), exc)
+            self._save_error = str(exc)
 
     def _prepare_benchmark(self) -> Any:
         """The benchmark phase with its prompts built, before anything starts (a bad dataset fails here)."""
@@ -114,31 +184,16 @@ class Session:
 
         if self.run.benchmark.phase == "none":
             return None
-        self.summary["phase"] = "benchmark-setup"
+        self._enter("benchmark-setup")
         self.summary["benchmark"] = {}
-        return prepare_phase(self.run, self.plan, self.rundir, self.summary["benchmark"])
-
-    def _run_benchmark(self, phase: Any, server: Any) -> None:
-        self.summary["phase"] = "benchmark"
-        phase.run(server)
-
-    def _after_ready(self, server: Any, phase: Any) -> None:
-        if phase is None:
-            self.summary["phase"] = "serving"
-            logger.info(
-                "serving %s at %s/v1 — Ctrl-C to stop",
-                self.plan.probe.served_name,
-                self.plan.probe.base_url,
-            )
-            server.wait()
-            return
-        self._run_benchmark(phase, server)
+        return prepare_phase(
+            self.run, self.plan, self.rundir, self.summary["benchmark"], save=self._save, enter=self._enter
+        )
 
     def _prepare_model(self) -> None:
         if self.run.model.generator == "tiny":
             from llmstack.models.tiny import ensure_tiny_model
 
-            self.summary["phase"] = "model"
             path = ensure_tiny_model()
             if str(path) != self.run.model.path:
                 raise LlmstackError(
@@ -146,7 +201,9 @@ class Session:
                 )
 
     def _record_inputs(self) -> None:
-        self.rundir.write_text("config.yaml", OmegaConf.to_yaml(OmegaConf.structured(self.run)))
+        from llmstack.config.secrets import masked_config
+
+        self.rundir.write_text("config.yaml", OmegaConf.to_yaml(masked_config(self.run)))
         self.rundir.write_json("plan.json", self.plan.to_dict())
         self.rundir.write_text("command.sh", "#!/usr/bin/env bash\n" + self.plan.shell_command() + "\n")
         self.rundir.write_json("environment.json", describe_environment(self.plan))
@@ -158,6 +215,15 @@ class Session:
 
         pythons = list(dict.fromkeys([self.plan.interpreter, sys.executable]))
         doctor.write_report(self.rundir.file("doctor.json"), pythons)  # never raises
+
+
+def describe_unexpected(exc: BaseException) -> str:
+    """One line for an error outside llmstack's own types."""
+    import errno
+
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return f"the disk is full: {exc}"
+    return f"internal error: {type(exc).__name__}: {exc}"
 
 
 def render_dry_run(run: RunConfig, plan: LaunchPlan) -> str:
@@ -225,8 +291,6 @@ _PORT_LEASES: list[Any] = []
 
 
 def _cpu_count() -> int | None:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 

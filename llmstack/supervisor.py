@@ -1,9 +1,17 @@
-"""Start one server process, know when it is really ready, and always take it down again.
+"""Start one server process, know when it is really ready and whether it is still healthy, always stop it.
 
-The process runs in its own session (process group). Ready means: the health probe answers 200, the
-process is still alive, and /v1/models lists the served name. Teardown sends SIGTERM to the whole group
-and to every descendant that left it (Ray, for one, starts its own sessions), waits a grace period, then
-sends SIGKILL. The supervisor knows nothing about engines: it only runs a LaunchPlan.
+The process runs in its own session (process group), with a run mark in its environment that its children
+inherit (`llmstack.proctree`). Ready means: the health probe answers 200, /v1/models lists the served name,
+the process is alive, and the port is held by a process of ours (not by another server that happens to
+answer there). Healthy, later, means the same, plus: every process the engine had when it became ready is
+still there (a dead model worker under a living API server is a dead engine).
+
+Teardown sends SIGTERM to the whole group, to every descendant and to every marked process, waits a grace
+period, then sends SIGKILL. A guardian process (`llmstack.guardian`) does the same if the launcher itself
+dies. The engine's output is copied to its log without ever blocking the engine: if the log cannot be
+written (a full disk), the output is still drained, dropped and counted, and the run fails saying so.
+
+The supervisor knows nothing about engines: it only runs a LaunchPlan.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import signal
@@ -18,17 +27,28 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
+from typing import IO, TYPE_CHECKING
+from urllib.parse import urlsplit
 
+from llmstack import interrupts, proctree
 from llmstack.engines.plan import LaunchPlan
 from llmstack.errors import EngineError, Interrupted
+
+if TYPE_CHECKING:
+    import httpx
 
 logger = logging.getLogger(__name__)
 
 LOG_TAIL_LINES = 40
 HEARTBEAT_S = 10.0
+# A process that had been running this long when the engine became ready took part in loading it: its
+# death later is the engine's death. (Younger ones may be short-lived helpers caught by chance.)
+_MEMBER_MIN_AGE_S = 1.0
+_HEALTH_TIMEOUT_S = 5.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -42,14 +62,20 @@ class ServerProcess:
         self.plan = plan
         self.log_path = log_path
         self.echo = echo
+        self.mark = uuid.uuid4().hex
         self.proc: subprocess.Popen[bytes] | None = None
-        self._tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
-        self._reader: threading.Thread | None = None
+        self._log: _LogCopier | None = None
+        self._guardian: subprocess.Popen[bytes] | None = None
+        # The engine's processes when it became ready (see `health_problem`).
+        self._members: set[proctree.Member] = set()
+        # Another server answering on our port while ours was starting: named in errors.
+        self._foreign_listener: str | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def __enter__(self) -> ServerProcess:
-        # A Ctrl-C that lands while the process is being started (after its exec, before Popen returns)
-        # would leave it unknown to us: hold it until start() is done, then deliver it as usual.
+        # Where signals raise (no `interrupts.capture()`), a Ctrl-C that lands while the process is being
+        # started (after its exec, before Popen returns) would leave it unknown to us: hold it until start()
+        # is done, then deliver it as usual.
         try:
             with _signals_deferred(redeliver=True):
                 self.start()
@@ -67,7 +93,9 @@ class ServerProcess:
         env = os.environ.copy()
         env.update(self.plan.env)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        env[proctree.MARK_ENV] = self.mark
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._guardian = _start_guardian(self.mark, self.plan.shutdown_grace_s, self.log_path)
         logger.info("starting %s: %s", self.plan.engine, " ".join(self.plan.argv))
         self.proc = subprocess.Popen(
             self.plan.argv,
@@ -79,8 +107,10 @@ class ServerProcess:
             start_new_session=True,
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
-        self._reader = threading.Thread(target=self._copy_log, name="engine-log", daemon=True)
-        self._reader.start()
+        self._tell_guardian(f"watch {self.proc.pid}")
+        assert self.proc.stdout is not None
+        self._log = _LogCopier(self.proc.stdout, self.log_path, lambda: self.echo)
+        self._log.start()
 
     @property
     def pid(self) -> int:
@@ -91,48 +121,84 @@ class ServerProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def log_tail(self, lines: int = 20) -> list[str]:
-        return list(self._tail)[-lines:]
+        return self._log.tail(lines) if self._log is not None else []
 
     def wait_ready(self) -> float:
-        """Block until ready; returns seconds since start. Raises EngineError if it dies or times out."""
-        import httpx
-
+        """Block until ready; returns seconds since start. Raises EngineError if it dies or times out,
+        Interrupted on a stop signal."""
         probe = self.plan.probe
-        headers = {"Authorization": f"Bearer {probe.api_key}"} if probe.api_key else {}
         started = time.monotonic()
         deadline = started + probe.timeout_s
         next_heartbeat = started + HEARTBEAT_S
-        with httpx.Client(base_url=probe.base_url, timeout=5.0, headers=headers, trust_env=False) as client:
+        with self._client(timeout=5.0) as client:
             while True:
+                interrupts.check()
                 self._raise_if_exited("before it was ready")
-                if self._probe_once(client):
+                self._raise_if_log_failed()
+                if self._probe_once(client) and self._port_is_ours():
                     # The process may have died between the probe and now (a stale listener answering).
                     self._raise_if_exited("right after its probe answered")
                     elapsed = time.monotonic() - started
+                    self._members = self._loading_members()
                     logger.info("%s ready at %s after %.1f s", self.plan.engine, probe.base_url, elapsed)
                     return elapsed
                 if time.monotonic() > deadline:
                     raise EngineError(
                         f"{self.plan.engine} was not ready after {probe.timeout_s:.0f} s "
-                        f"(engine.startup_timeout_s); its log is {self.log_path}",
+                        f"(engine.startup_timeout_s){self._foreign_note()}; its log is {self.log_path}",
                         self.log_tail(),
                     )
                 if time.monotonic() >= next_heartbeat:
                     next_heartbeat += HEARTBEAT_S
-                    last = self._tail[-1][:120] if self._tail else "(no output yet)"
+                    last = self.log_tail(1)[0][:120] if self.log_tail(1) else "(no output yet)"
                     waited = time.monotonic() - started
                     logger.info("waiting for %s (%.0f s): %s", self.plan.engine, waited, last)
-                time.sleep(probe.interval_s)
+                interrupts.sleep(probe.interval_s)
+
+    def health_problem(self) -> str | None:
+        """Why the engine is not healthy now, or None: its main process exited, a process it had when it
+        became ready died, its log cannot be written, or its health probe does not answer 200."""
+        import httpx
+
+        assert self.proc is not None
+        code = self.proc.poll()
+        if code is not None:
+            return f"its main process exited with status {code}"
+        dead = sorted((m for m in self._members if not m.alive()), key=lambda m: m.pid)
+        if dead:
+            return "its process " + ", ".join(m.describe() for m in dead) + " died"
+        if self._log is not None and self._log.error:
+            return self._log.error
+        try:
+            with self._client(timeout=_HEALTH_TIMEOUT_S) as client:
+                status = client.get(self.plan.probe.health_path).status_code
+        except httpx.HTTPError as exc:
+            return f"GET {self.plan.probe.health_path} failed ({type(exc).__name__}: {exc})"
+        if status != 200:
+            return f"GET {self.plan.probe.health_path} answered {status}"
+        return None
+
+    def check_healthy(self, when: str) -> None:
+        """EngineError (exit 3) with the reason and the log's last lines if the engine is not healthy."""
+        problem = self.health_problem()
+        if problem is not None:
+            self._settle_log()
+            raise EngineError(
+                f"{self.plan.engine} is not healthy {when}: {problem}; its log is {self.log_path}",
+                self.log_tail(),
+            )
 
     def wait(self) -> None:
-        """Serve until the process exits (an error) or the caller is interrupted."""
+        """Serve until the process exits or a process of it dies (an error), or a stop signal."""
         assert self.proc is not None
         while True:
-            try:
-                self.proc.wait(timeout=1.0)
-            except subprocess.TimeoutExpired:
-                continue
+            interrupts.check()
             self._raise_if_exited("while serving")
+            self._raise_if_log_failed()
+            dead = [m for m in self._members if not m.alive()]
+            if dead:
+                self.check_healthy("while serving")
+            interrupts.sleep(1.0)
 
     def wait_exit(self, timeout_s: float | None = None) -> int:
         """Wait for a process that ends by itself (a batch job, not a server); its exit status.
@@ -142,8 +208,9 @@ class ServerProcess:
         assert self.proc is not None
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
+            interrupts.check()
             try:
-                code = self.proc.wait(timeout=1.0)
+                code = self.proc.wait(timeout=0.25)
             except subprocess.TimeoutExpired:
                 if deadline is not None and time.monotonic() > deadline:
                     raise EngineError(
@@ -152,39 +219,44 @@ class ServerProcess:
                         self.log_tail(),
                     ) from None
                 continue
-            if self._reader is not None:
-                self._reader.join(timeout=5.0)  # so the tail holds the last words
+            self._settle_log()
             return code
 
     def stop(self) -> None:
-        """TERM the group and every descendant, wait the grace period, then KILL. Idempotent."""
+        """TERM the group, every descendant and every marked process, wait the grace period, then KILL.
+        Idempotent."""
         if self.proc is None:
             return
         with _signals_deferred():
-            pgid = self.proc.pid
-            targets = _descendants(self.proc.pid) | _group_members(pgid)
-            if targets or self.proc.poll() is None:
-                logger.info(
-                    "stopping %s (pid %d, %d processes)", self.plan.engine, self.proc.pid, len(targets)
-                )
-            _signal_all(pgid, targets, signal.SIGTERM)
-            if not self._wait_gone(pgid, targets, self.plan.shutdown_grace_s):
-                remaining = _alive(targets | _group_members(pgid))
+            proc = self.proc
+            if proc.poll() is None or proctree.engine_members(proc.pid, self.mark):
+                logger.info("stopping %s (pid %d)", self.plan.engine, proc.pid)
+            signalled, killed = proctree.stop_all(
+                proc.pid, self.mark, self.plan.shutdown_grace_s, known=self._members, reap=proc.poll
+            )
+            if killed:
                 logger.warning(
-                    "%d processes still running after %.0f s: SIGKILL",
-                    len(remaining),
+                    "%d of %d processes were still running %.0f s after SIGTERM: killed",
+                    killed,
+                    signalled,
                     self.plan.shutdown_grace_s,
                 )
-                _signal_all(pgid, remaining, signal.SIGKILL)
-                self._wait_gone(pgid, remaining, 10.0)
-            if self._reader is not None:
-                self._reader.join(timeout=5.0)
+            proc.poll()
+            if self._log is not None:
+                self._log.join(5.0)
+            self._release_guardian()
 
     # -- internals ---------------------------------------------------------------------------------------
-    def _probe_once(self, client: object) -> bool:
+    def _client(self, timeout: float) -> httpx.Client:
         import httpx
 
-        assert isinstance(client, httpx.Client)
+        probe = self.plan.probe
+        headers = {"Authorization": f"Bearer {probe.api_key}"} if probe.api_key else {}
+        return httpx.Client(base_url=probe.base_url, timeout=timeout, headers=headers, trust_env=False)
+
+    def _probe_once(self, client: httpx.Client) -> bool:
+        import httpx
+
         probe = self.plan.probe
         try:
             if client.get(probe.health_path).status_code != 200:
@@ -196,44 +268,166 @@ class ServerProcess:
             return False
         try:
             names = {m.get("id") for m in models.json().get("data", [])}
-        except ValueError:
+        except (ValueError, AttributeError):
             return False
         return probe.served_name in names
+
+    def _port_is_ours(self) -> bool:
+        """Whether a process of the engine listens on the probe's port: another server on the same port
+        (two launches racing for a fixed port) answers the probe just as well."""
+        assert self.proc is not None
+        port = _port_of(self.plan.probe.base_url)
+        if port is None:
+            return True
+        members = proctree.engine_members(self.proc.pid, self.mark)
+        if port in proctree.listening_ports(members):
+            return True
+        listener = proctree.listener_of(port) or "another process"
+        if self._foreign_listener is None:
+            logger.warning(
+                "port %d answers, but not from the engine we started (it is %s): waiting for ours",
+                port,
+                listener,
+            )
+        self._foreign_listener = f"{listener} on port {port}"
+        return False
+
+    def _foreign_note(self) -> str:
+        if self._foreign_listener is None:
+            return ""
+        return f"; meanwhile another server answered its probe: {self._foreign_listener}"
+
+    def _loading_members(self) -> set[proctree.Member]:
+        assert self.proc is not None
+        now = time.time()
+        members = proctree.engine_members(self.proc.pid, self.mark)
+        return {m for m in members if m.pid == self.proc.pid or now - m.started >= _MEMBER_MIN_AGE_S}
 
     def _raise_if_exited(self, when: str) -> None:
         assert self.proc is not None
         code = self.proc.poll()
         if code is None:
             return
-        if self._reader is not None:
-            self._reader.join(timeout=5.0)  # so the tail holds the last words
+        self._settle_log()
         raise EngineError(
-            f"{self.plan.engine} exited with status {code} {when}; its log is {self.log_path}",
+            f"{self.plan.engine} exited with status {code} {when}{self._foreign_note()}; its log is "
+            f"{self.log_path}",
             self.log_tail(),
         )
 
-    def _wait_gone(self, pgid: int, pids: set[int], timeout: float) -> bool:
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.proc.poll()  # reap the leader
-            if not _alive(pids) and not _alive(_group_members(pgid)):
-                return True
-            time.sleep(0.05)
-        self.proc.poll()
-        return False
+    def _raise_if_log_failed(self) -> None:
+        if self._log is not None and self._log.error:
+            raise EngineError(f"{self.plan.engine}: {self._log.error}")
 
-    def _copy_log(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        with open(self.log_path, "ab") as log:
-            for raw in iter(self.proc.stdout.readline, b""):
-                log.write(raw)
-                log.flush()
-                line = raw.decode("utf-8", errors="replace").rstrip()
-                self._tail.append(line)
-                if self.echo is not None:
-                    self.echo(line)
-        self.proc.stdout.close()
+    def _settle_log(self) -> None:
+        """Let the log copier take the last words of a process that has exited (not more than a moment:
+        children that outlive it may keep the pipe open)."""
+        if self._log is not None:
+            self._log.wait_quiet()
+
+    def _tell_guardian(self, message: str) -> None:
+        guardian = self._guardian
+        if guardian is None or guardian.stdin is None:
+            return
+        try:
+            guardian.stdin.write(message.encode() + b"\n")
+            guardian.stdin.flush()
+        except OSError:
+            logger.warning("the guardian process is gone: if llmstack dies, the engine may outlive it")
+            self._guardian = None
+
+    def _release_guardian(self) -> None:
+        guardian, self._guardian = self._guardian, None
+        if guardian is None:
+            return
+        with contextlib.suppress(OSError):
+            assert guardian.stdin is not None
+            guardian.stdin.write(b"done\n")
+            guardian.stdin.close()
+        try:
+            guardian.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            guardian.kill()
+            guardian.wait()
+
+
+class _LogCopier:
+    """Copies the engine's output to its log file, keeps its last lines, and echoes them.
+
+    It never stops reading: an engine whose output nobody drains blocks in its next write, and with it the
+    health probe and the benchmark. If the file cannot be written, what follows is dropped and counted,
+    and `error` says why.
+    """
+
+    def __init__(
+        self, source: IO[bytes], path: Path, echo: Callable[[], Callable[[str], None] | None]
+    ) -> None:
+        self.source = source
+        self.path = path
+        self.echo = echo
+        self.error: str | None = None
+        self.dropped_bytes = 0
+        self.last_read = time.monotonic()
+        self._tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
+        self._thread = threading.Thread(target=self._run, name="engine-log", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def tail(self, lines: int) -> list[str]:
+        return list(self._tail)[-lines:]
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def wait_quiet(self, quiet_s: float = 0.2, at_most_s: float = 1.0) -> None:
+        """Until the source has ended, or said nothing for `quiet_s` (bounded by `at_most_s`)."""
+        deadline = time.monotonic() + at_most_s
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            if time.monotonic() - self.last_read >= quiet_s:
+                return
+            self._thread.join(0.02)
+
+    def _run(self) -> None:
+        log = self._open()
+        for raw in iter(self.source.readline, b""):
+            self.last_read = time.monotonic()
+            if log is not None:
+                try:
+                    log.write(raw)
+                    log.flush()
+                except OSError as exc:
+                    self._failed(exc)
+                    with contextlib.suppress(OSError):
+                        log.close()
+                    log = None
+            if log is None:
+                self.dropped_bytes += len(raw)
+            line = raw.decode("utf-8", errors="replace").rstrip()
+            self._tail.append(line)
+            echo = self.echo()
+            if echo is not None:
+                with contextlib.suppress(Exception):  # a closed terminal must not stop the draining
+                    echo(line)
+        self.source.close()
+        if log is not None:
+            with contextlib.suppress(OSError):
+                log.close()
+
+    def _open(self) -> IO[bytes] | None:
+        try:
+            return open(self.path, "ab")  # closed at the end of _run
+        except OSError as exc:
+            self._failed(exc)
+            return None
+
+    def _failed(self, exc: OSError) -> None:
+        what = "the disk is full" if exc.errno == errno.ENOSPC else "it cannot be written"
+        self.error = (
+            f"the engine's log {self.path} is lost: {what} ({exc.strerror or exc}); its output is "
+            "still read, and dropped"
+        )
+        logger.error("%s", self.error)
 
 
 def run_to_completion(
@@ -252,73 +446,49 @@ def run_to_completion(
         return code, proc.log_tail(LOG_TAIL_LINES)
 
 
+def _start_guardian(mark: str, grace_s: float, log_path: Path) -> subprocess.Popen[bytes] | None:
+    argv = [sys.executable, "-m", "llmstack.guardian", "--mark", mark, "--grace", f"{grace_s:g}"]
+    try:
+        return subprocess.Popen(
+            [*argv, "--log", str(log_path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, "PYTHONPATH": _checkout_first(os.environ.get("PYTHONPATH"))},
+        )
+    except OSError as exc:
+        logger.warning("could not start the guardian process (%s): if llmstack dies, the engine may "
+                       "outlive it", exc)  # fmt: skip
+        return None
+
+
+def _checkout_first(pythonpath: str | None) -> str:
+    """So that the guardian imports this llmstack, wherever the launcher was started from."""
+    here = str(Path(__file__).resolve().parent.parent)
+    return here if not pythonpath else f"{here}{os.pathsep}{pythonpath}"
+
+
+def _port_of(url: str) -> int | None:
+    try:
+        return urlsplit(url).port
+    except ValueError:
+        return None
+
+
 def _die_with_parent() -> None:
     """In the child: get SIGTERM if llmstack itself dies, even by SIGKILL (Linux prctl)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _signal_all(pgid: int, pids: set[int], sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, sig)
-
-
-def _proc_stats() -> Iterator[tuple[int, int, int, str]]:
-    """(pid, ppid, pgrp, state) of every process, from /proc."""
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                data = f.read().decode(errors="replace")
-        except OSError:
-            continue
-        # The command name may contain spaces and parentheses: split after the last ')'.
-        fields = data[data.rfind(")") + 2 :].split()
-        yield int(entry.name), int(fields[1]), int(fields[2]), fields[0]
-
-
-def _descendants(root: int) -> set[int]:
-    children: dict[int, list[int]] = collections.defaultdict(list)
-    for pid, ppid, _, state in _proc_stats():
-        if state != "Z":
-            children[ppid].append(pid)
-    found: set[int] = set()
-    stack = [root]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            if child not in found:
-                found.add(child)
-                stack.append(child)
-    return found
-
-
-def _group_members(pgid: int) -> set[int]:
-    return {pid for pid, _, pgrp, state in _proc_stats() if pgrp == pgid and state != "Z"}
-
-
-def _alive(pids: set[int]) -> set[int]:
-    living = set()
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                data = f.read().decode(errors="replace")
-        except OSError:
-            continue
-        if data[data.rfind(")") + 2 :].split()[0] != "Z":
-            living.add(pid)
-    return living
-
-
 @contextlib.contextmanager
 def _signals_deferred(redeliver: bool = False) -> Iterator[None]:
-    """Teardown must finish: hold Ctrl-C and SIGTERM until it has, then raise Interrupted once; with
-    `redeliver`, send the first held signal again to the handler that was in place (KeyboardInterrupt for
-    Ctrl-C by default)."""
-    if threading.current_thread() is not threading.main_thread():
+    """Where stop signals raise (not captured as a flag), hold Ctrl-C and SIGTERM until the block is done,
+    then raise Interrupted once; with `redeliver`, send the first held signal again to the handler that was
+    in place (KeyboardInterrupt for Ctrl-C by default). Where they are captured, nothing raises mid-way:
+    the flag is looked at after the block."""
+    if threading.current_thread() is not threading.main_thread() or interrupts.is_captured():
         yield
         return
     pending: list[int] = []
@@ -334,19 +504,4 @@ def _signals_deferred(redeliver: bool = False) -> Iterator[None]:
         if pending and redeliver:
             signal.raise_signal(pending[0])
         elif pending:
-            raise Interrupted(f"interrupted by signal {signal.Signals(pending[0]).name} during teardown")
-
-
-@contextlib.contextmanager
-def terminate_raises() -> Iterator[None]:
-    """Turn SIGTERM and SIGHUP into an exception in the main thread, so `finally` blocks run."""
-
-    def handler(signum: int, frame: object) -> None:
-        raise Interrupted(f"stopped by {signal.Signals(signum).name}")
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+            raise Interrupted(pending[0], "teardown")

@@ -151,19 +151,19 @@ def test_timed_loop_keeps_n_connections_busy_for_the_duration() -> None:
 
 
 def test_timed_loop_stops_early_when_told() -> None:
-    sent = []
-
-    def stop() -> bool:
-        sent.append(1)
-        return len(sent) > 5
+    from llmstack.bench.loadgen import CANCELLED
 
     with instrument() as server:
         start = time.monotonic()
         result = run_for_duration_sync(
-            server.url, [{"prompt": "x"}], endpoint="/v1/completions", connections=1, duration_s=30,
-            timeout_s=5, should_stop=stop,
+            server.url, [{"prompt": "x"}], endpoint="/v1/completions", connections=2, duration_s=30,
+            timeout_s=5, should_stop=lambda: time.monotonic() - start > 0.3,
         )  # fmt: skip
-    assert len(result.records) == 5 and time.monotonic() - start < 10
+    assert result.stopped and time.monotonic() - start < 5
+    assert result.records, "requests were sent before the stop"
+    # Nothing in flight survives the stop: each request completed, or was cancelled and says so.
+    assert all(r.success or r.error == CANCELLED for r in result.records)
+    assert all(r.done_at is not None for r in result.records)
 
 
 # -- offline_throughput's plan and arithmetic --------------------------------------------------------------
@@ -275,7 +275,7 @@ def test_offline_phase_spec_from_a_composed_run(compose_cfg, tmp_path: Path) -> 
     run = resolve(to_run_config(cfg), Path(CONFIG_DIR), Inventory())
     plan = get_engine("vllm").plan(run)
     summary: dict = {}
-    phase = prepare_phase(run, plan, RunDir(tmp_path), summary)
+    phase = prepare_phase(run, plan, RunDir(tmp_path), summary, save=lambda: None, enter=lambda _: None)
     spec = json.loads(json.dumps(phase.spec(tmp_path / "raw.json")))  # plain JSON for the other process
     assert len(spec["warmup"]["prompts"]) == 2 and len(spec["prompts"]) == 5 == len(spec["output_lens"])
     assert not set(spec["warmup"]["prompts"]) & set(spec["prompts"]), "warm-up prompts are not measured ones"

@@ -14,6 +14,10 @@ after the window has ended (`RawResponse`): during the run the client only stamp
 HTTP framing, so its capacity goes to sending and receiving. Should the raw bytes waiting to be parsed
 exceed `defer_parse_bytes` (long runs), the oldest are parsed during the run to bound memory.
 
+`should_stop` (polled every 50 ms) ends a run early: a stop signal, or an engine that has died. Nothing
+more is sent, requests in flight are cancelled, and the result says it was `stopped`: its records tell
+which requests completed, which were cancelled and which were never sent.
+
 `run_load_sync(..., processes=N)` spreads one run over N client processes (`llmstack.bench.sharded`) for
 servers that one client process cannot keep busy.
 """
@@ -21,12 +25,13 @@ servers that one client process cannot keep busy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import math
 import random
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from time import perf_counter
 from typing import Any
@@ -41,11 +46,22 @@ from llmstack.bench.http import (
 )
 from llmstack.bench.records import RequestRecord
 
-__all__ = ["LoadPart", "LoadResult", "arrival_offsets", "run_load", "run_load_sync", "run_part"]
+__all__ = [
+    "LoadPart",
+    "LoadResult",
+    "arrival_offsets",
+    "mark_unfinished",
+    "run_load",
+    "run_load_sync",
+    "run_part",
+    "run_until_stopped",
+]
 
 logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int], None]
+# True when the run must end now (a stop signal, a dead engine).
+StopCheck = Callable[[], bool]
 
 # Without a concurrency cap the number of connections an open loop needs is unknown; opening about one
 # second's worth of arrivals up front keeps connection setup out of the first requests' latency.
@@ -54,6 +70,11 @@ _MAX_PREOPENED_UNCAPPED = 256
 DEFAULT_DEFER_PARSE_BYTES = 256 * 1024 * 1024
 # A progress callback (a terminal bar) runs at most this often, and once more at the end.
 _PROGRESS_INTERVAL_S = 0.1
+# How often `should_stop` is asked.
+_STOP_POLL_S = 0.05
+# The errors of requests a stopped run did not finish.
+CANCELLED = "cancelled: the load level was stopped"
+NOT_SENT = "not sent: the load level was stopped"
 
 
 @dataclass(slots=True, repr=False)
@@ -70,6 +91,8 @@ class LoadResult:
     concurrency: int | None
     request_rate: float
     burstiness: float
+    # `should_stop` ended the run before every request was done.
+    stopped: bool = False
 
     @property
     def duration(self) -> float:
@@ -81,7 +104,7 @@ class LoadResult:
         ok = sum(r.success for r in self.records)
         return (
             f"LoadResult({ok}/{len(self.records)} ok, {self.duration:.3f} s, concurrency={self.concurrency}, "
-            f"request_rate={self.request_rate}, burstiness={self.burstiness})"
+            f"request_rate={self.request_rate}, burstiness={self.burstiness}, stopped={self.stopped})"
         )
 
 
@@ -127,12 +150,13 @@ async def run_load(
     progress: ProgressCallback | None = None,
     input_lens: Sequence[int | None] | None = None,
     defer_parse_bytes: int = DEFAULT_DEFER_PARSE_BYTES,
+    should_stop: StopCheck | None = None,
 ) -> LoadResult:
     """Send every payload to `base_url + endpoint` and return one record per payload (same order).
 
     `input_lens` optionally gives each prompt's expected token count (used when the server reports no usage).
     `defer_parse_bytes` bounds the raw response bytes held for parsing after the window; 0 parses every
-    response as soon as it has ended.
+    response as soon as it has ended. `should_stop` ends the run early (see the module's docstring).
     """
     validate_load(payloads, concurrency, request_rate, input_lens)
     offsets = (
@@ -149,8 +173,8 @@ async def run_load(
         input_lens=list(input_lens) if input_lens is not None else None,
         defer_parse_bytes=defer_parse_bytes,
     )
-    records, start, end = await run_part(part, progress)
-    return LoadResult(records, start, end, concurrency, request_rate, burstiness)
+    records, start, end, stopped = await run_part(part, progress, should_stop=should_stop)
+    return LoadResult(records, start, end, concurrency, request_rate, burstiness, stopped)
 
 
 def validate_load(
@@ -187,9 +211,13 @@ StartGate = Callable[[], float]
 
 
 async def run_part(
-    part: LoadPart, progress: ProgressCallback | None, gate: StartGate | None = None
-) -> tuple[list[RequestRecord], float, float]:
-    """Run `part`; return its records (in `part.payloads` order) and the measured window."""
+    part: LoadPart,
+    progress: ProgressCallback | None,
+    gate: StartGate | None = None,
+    should_stop: StopCheck | None = None,
+) -> tuple[list[RequestRecord], float, float, bool]:
+    """Run `part`; return its records (in `part.payloads` order), the measured window, and whether
+    `should_stop` ended it early."""
     target = parse_url(part.url)
     prepared = [prepare_request(target, payload, api_key=part.api_key) for payload in part.payloads]
     records = [
@@ -209,7 +237,7 @@ async def run_part(
     gc.freeze()
     collector_was_on = gc.isenabled()
     gc.disable()
-    run = _Run(target, prepared, records, part.timeout_s, counter, backlog, gate)
+    run = _Run(target, prepared, records, part.timeout_s, counter, backlog, gate, should_stop)
     try:
         if part.offsets is None:
             workers = len(records) if part.concurrency is None else min(part.concurrency, len(records))
@@ -222,10 +250,43 @@ async def run_part(
         if collector_was_on:
             gc.enable()
         gc.unfreeze()
-    failed = sum(not r.success for r in records)
+    if run.stopped:
+        mark_unfinished(records, end)
+    sent = [r for r in records if r.error != NOT_SENT]
+    failed = sum(not r.success for r in sent)
     if failed:
-        logger.info("%d of %d requests failed", failed, len(records))
-    return records, start, end
+        logger.info("%d of %d requests failed", failed, len(sent))
+    return records, start, end, run.stopped
+
+
+async def run_until_stopped(work: Awaitable[object], should_stop: StopCheck | None) -> bool:
+    """Await `work`; if `should_stop()` turns true first, cancel it (and the requests in flight with it).
+    True if it was stopped."""
+    task = asyncio.ensure_future(work)
+    if should_stop is None:
+        await task
+        return False
+    while not task.done():
+        await asyncio.wait({task}, timeout=_STOP_POLL_S)
+        if not task.done() and should_stop():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return True
+    task.result()  # its exception, if it failed
+    return False
+
+
+def mark_unfinished(records: Sequence[RequestRecord], now: float) -> None:
+    """After a stopped run: requests in flight were cancelled, the others were never sent."""
+    for record in records:
+        if record.done_at is not None or record.success:
+            continue
+        if record.sent_at is None:
+            record.error = NOT_SENT
+        else:
+            record.done_at = now
+            record.error = record.error or CANCELLED
 
 
 def run_load_sync(*args: Any, processes: int = 1, **kwargs: Any) -> LoadResult:
@@ -335,6 +396,8 @@ class _Run:
     counter: _Progress
     backlog: _Backlog
     gate: StartGate | None
+    should_stop: StopCheck | None = None
+    stopped: bool = False
 
     async def start(self) -> float:
         """The start of the window: now, or the time the gate gives (shared by every shard)."""
@@ -362,7 +425,8 @@ async def _closed_loop(run: _Run, workers: int) -> tuple[float, float]:
 
     try:
         start = await run.start()
-        await asyncio.gather(*(worker(c) for c in connections))
+        work = asyncio.gather(*(worker(c) for c in connections))
+        run.stopped = await run_until_stopped(work, run.should_stop)
         end = perf_counter()
     finally:
         await _close_all(connections)
@@ -419,8 +483,8 @@ async def _open_loop(run: _Run, offsets: list[float], cap: int | None) -> tuple[
 
     loop = asyncio.get_running_loop()
     tasks: list[asyncio.Task[None]] = []
-    try:
-        start = await run.start()
+
+    async def schedule(start: float) -> None:
         i = 0
         while i < count:
             now = perf_counter()
@@ -432,6 +496,10 @@ async def _open_loop(run: _Run, offsets: list[float], cap: int | None) -> tuple[
             if i < count:
                 await asyncio.sleep(start + offsets[i] - now)
         await asyncio.gather(*tasks)
+
+    try:
+        start = await run.start()
+        run.stopped = await run_until_stopped(schedule(start), run.should_stop)
         end = perf_counter()
     finally:
         for task in tasks:

@@ -9,6 +9,7 @@ registry only knows their names, modules, and whether they need a server.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -48,12 +49,20 @@ def needs_server(phase: str) -> bool:
 
 
 def prepare_phase(
-    run: RunConfig, plan: LaunchPlan, rundir: RunDir, summary: dict[str, Any]
+    run: RunConfig,
+    plan: LaunchPlan,
+    rundir: RunDir,
+    summary: dict[str, Any],
+    *,
+    save: Callable[[], None],
+    enter: Callable[[str], None],
 ) -> PreparedPhase | None:
-    """The run's benchmark phase, ready to run; None for `none`. `summary` is filled as results come in."""
+    """The run's benchmark phase, ready to run; None for `none`. `summary` is filled as results come in,
+    `save()` writes it to disk, `enter(name)` names the run's current phase."""
     spec = PHASES.get(run.benchmark.phase)
     if spec is None:
         return None
     module = importlib.import_module(spec.module)
     summary.update({"name": run.benchmark.name, "phase": run.benchmark.phase})
-    return module.prepare(PhaseContext(run=run, plan=plan, rundir=rundir, summary=summary))
+    ctx = PhaseContext(run=run, plan=plan, rundir=rundir, summary=summary, save=save, enter=enter)
+    return module.prepare(ctx)

@@ -10,10 +10,15 @@ hands out.
 Records come back to this process and are put in payload order; the window runs from the common start to
 the last response of any process. Timestamps of different processes are comparable because
 `time.perf_counter()` is a system-wide clock on Linux (CLOCK_MONOTONIC), macOS and Windows.
+
+`should_stop` is asked here; when it turns true, every shard is told to stop (its in-flight requests are
+cancelled) and sends back what it has. Shards ignore Ctrl-C: a terminal's SIGINT reaches the whole process
+group, and it is this process that decides.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -27,6 +32,7 @@ from llmstack.bench.loadgen import (
     LoadPart,
     LoadResult,
     ProgressCallback,
+    StopCheck,
     arrival_offsets,
     validate_load,
 )
@@ -62,6 +68,7 @@ def run_load_processes(
     progress: ProgressCallback | None = None,
     input_lens: Sequence[int | None] | None = None,
     defer_parse_bytes: int = DEFAULT_DEFER_PARSE_BYTES,
+    should_stop: StopCheck | None = None,
 ) -> LoadResult:
     """`loadgen.run_load` over `processes` client processes (fewer if there are fewer requests or slots)."""
     import multiprocessing
@@ -118,11 +125,13 @@ def run_load_processes(
             reporter.start()
         records: list[RequestRecord | None] = [None] * count
         end = start
+        stopped = _wait_done(pipes, should_stop)
         for k, pipe in enumerate(pipes):
-            shard_records, _, shard_end = _expect(pipe, "done", k, None)
+            shard_records, _, shard_end, shard_stopped = _expect(pipe, "done", k, None)
             for record in shard_records:
                 records[record.index] = record
             end = max(end, shard_end)
+            stopped = stopped or shard_stopped
     finally:
         stop_progress.set()
         if reporter is not None:
@@ -134,10 +143,27 @@ def run_load_processes(
                 worker.join()
         for pipe in pipes:
             pipe.close()
-    if progress is not None:
+    if progress is not None and not stopped:
         progress(count, count)
     assert all(r is not None for r in records)
-    return LoadResult(records, start, end, concurrency, request_rate, burstiness)  # type: ignore[arg-type]
+    return LoadResult(records, start, end, concurrency, request_rate, burstiness, stopped)  # type: ignore[arg-type]
+
+
+def _wait_done(pipes: list[Connection], should_stop: StopCheck | None) -> bool:
+    """Until every shard has its result ready; tells them all to stop if `should_stop` turns true first.
+    True if they were told to stop."""
+    from multiprocessing.connection import wait
+
+    pending = list(pipes)
+    while pending:
+        ready = wait(pending, timeout=0.05)
+        pending = [pipe for pipe in pending if pipe not in ready]
+        if pending and should_stop is not None and should_stop():
+            for pipe in pipes:
+                with contextlib.suppress(OSError):
+                    pipe.send(("stop",))
+            return True
+    return False
 
 
 def _expect(pipe: Connection, kind: str, shard: int, timeout_s: float | None) -> tuple[Any, ...]:
@@ -168,8 +194,11 @@ def _report_progress(done_counts: Any, total: int, progress: ProgressCallback, s
 def _shard_main(pipe: Connection, done_counts: Any, shard: int, part: LoadPart) -> None:
     """Entry point of a shard process."""
     import asyncio
+    import signal
 
     from llmstack.bench.loadgen import _loop_factory, run_part
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def gate() -> float:
         pipe.send(("ready",))
@@ -178,10 +207,14 @@ def _shard_main(pipe: Connection, done_counts: Any, shard: int, part: LoadPart) 
     def progress(done: int, total: int) -> None:
         done_counts[shard] = done
 
+    def should_stop() -> bool:
+        # The only message after the start time is "stop"; a closed pipe (coordinator gone) reads as one.
+        return pipe.poll()
+
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            records, start, end = runner.run(run_part(part, progress, gate))
-        pipe.send(("done", records, start, end))
+            records, start, end, stopped = runner.run(run_part(part, progress, gate, should_stop))
+        pipe.send(("done", records, start, end, stopped))
     except BaseException as exc:
         pipe.send(("error", f"{type(exc).__name__}: {exc}"))
         raise

@@ -20,7 +20,7 @@ from time import perf_counter
 from typing import Any
 
 from llmstack.bench.http import HttpConnection, parse_url, prepare_request
-from llmstack.bench.loadgen import LoadResult
+from llmstack.bench.loadgen import LoadResult, mark_unfinished, run_until_stopped
 from llmstack.bench.records import RequestRecord
 
 __all__ = ["completed_by", "run_for_duration", "run_for_duration_sync"]
@@ -44,8 +44,9 @@ async def run_for_duration(
     progress: TimedProgress | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> LoadResult:
-    """Records in send order; `should_stop` (checked before each send) ends the run early, e.g. when the
-    server has died and every further request would fail at once."""
+    """Records in send order; `should_stop` ends the run early (a stop signal, or a server that has died,
+    where every further request would fail at once): nothing more is sent, requests in flight are
+    cancelled, and the result is marked `stopped`."""
     if connections < 1:
         raise ValueError(f"connections must be >= 1, got {connections}")
     if not payloads:
@@ -66,7 +67,7 @@ async def run_for_duration(
 
     async def worker(connection: HttpConnection) -> None:
         nonlocal finished
-        while perf_counter() < deadline and not (should_stop is not None and should_stop()):
+        while perf_counter() < deadline:
             i = len(records)
             j = i % len(prepared)
             record = RequestRecord(
@@ -86,14 +87,16 @@ async def run_for_duration(
     start = perf_counter()
     deadline = start + duration_s
     try:
-        await asyncio.gather(*(worker(c) for c in pool))
+        stopped = await run_until_stopped(asyncio.gather(*(worker(c) for c in pool)), should_stop)
         end = perf_counter()
     finally:
         gc.unfreeze()
         for connection in pool:
             connection.close()
         await asyncio.sleep(0)  # let the transports run connection_lost
-    return LoadResult(records, start, end, connections, math.inf, 1.0)
+    if stopped:
+        mark_unfinished(records, end)
+    return LoadResult(records, start, end, connections, math.inf, 1.0, stopped)
 
 
 def run_for_duration_sync(*args: Any, **kwargs: Any) -> LoadResult:

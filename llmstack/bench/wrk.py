@@ -14,7 +14,7 @@ import math
 import re
 import shutil
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,13 +168,20 @@ def available() -> bool:
 
 
 def run_wrk(
-    command: list[str], *, cwd: Path, api_key: str | None, timeout_s: float
+    command: list[str],
+    *,
+    cwd: Path,
+    api_key: str | None,
+    timeout_s: float,
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[str, WrkReport | None, str | None]:
     """Run wrk to completion: (its output, the parsed report or None, an error or None).
 
-    wrk is one process with threads; subprocess.run kills it on any exception here, Ctrl-C included.
+    wrk is one process with threads; it is killed on a timeout, on any exception here, and as soon as
+    `should_stop()` (a stop signal) turns true.
     """
     import os
+    import time
 
     env = dict(os.environ)
     env.pop(API_KEY_ENV, None)
@@ -182,14 +189,31 @@ def run_wrk(
         env[API_KEY_ENV] = api_key
     logger.info("running %s", " ".join(command))
     try:
-        done = subprocess.run(
-            command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s, check=False
+        proc = subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
-    except subprocess.TimeoutExpired as exc:
-        output = exc.stdout if isinstance(exc.stdout, str) else ""
-        return output, None, f"wrk did not finish within {timeout_s:.0f} s"
     except OSError as exc:
         return "", None, f"wrk could not start: {exc}"
+    deadline = time.monotonic() + timeout_s
+    with proc:
+        try:
+            while True:
+                try:
+                    stdout, stderr = proc.communicate(timeout=0.1)
+                    break
+                except subprocess.TimeoutExpired:
+                    if should_stop is not None and should_stop():
+                        proc.kill()
+                        stdout, stderr = proc.communicate()
+                        return stdout, None, "wrk was stopped"
+                    if time.monotonic() > deadline:
+                        proc.kill()
+                        stdout, _ = proc.communicate()
+                        return stdout or "", None, f"wrk did not finish within {timeout_s:.0f} s"
+        except BaseException:
+            proc.kill()
+            raise
+    done = subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
     output = done.stdout + (done.stderr if done.stderr else "")
     if done.returncode != 0:
         return output, None, f"wrk exited with status {done.returncode}: {done.stderr.strip()[:300]}"

@@ -57,6 +57,14 @@ def host_problems(run: RunConfig) -> Iterator[ConfigError]:
     from llmstack.engines import get_engine
 
     e = run.engine
+    if (reason := results_dir_problem(run.results_dir)) is not None:
+        yield ConfigError(
+            "results_dir",
+            run.results_dir,
+            reason,
+            hint="Point results_dir at a writable directory (results_dir=/path/to/results).",
+        )
+        return
     if not _is_executable(e.python):
         yield ConfigError("engine.python", e.python, "is not an executable interpreter on this machine.")
         return
@@ -86,6 +94,25 @@ def host_problems(run: RunConfig) -> Iterator[ConfigError]:
             f"is already in use on {e.host}.",
             hint="Stop what listens there, choose another engine.port, or engine.port=0 for a free one.",
         )
+
+
+def results_dir_problem(results_dir: str) -> str | None:
+    """Why nothing can be written under `results_dir`, or None. Creates nothing: it tries a temporary
+    directory in the nearest existing ancestor, and removes it."""
+    import tempfile
+
+    path = Path(results_dir).absolute()
+    ancestor = path
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{ancestor} is a file, not a directory, so nothing can be written under it."
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".llmstack-check-", dir=ancestor))
+    except OSError as exc:
+        where = "" if ancestor == path else f" (in {ancestor}, where it would be created)"
+        return f"is not writable{where}: {exc.strerror or exc}."
+    return None
 
 
 def valid_low_bits(run: RunConfig, config_dir: Path) -> list[str]:

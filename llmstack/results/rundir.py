@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmstack.errors import ResultsError
+
 
 @dataclass(frozen=True)
 class RunDir:
@@ -47,7 +49,17 @@ class RunDir:
 
 
 def atomic_write_text(path: Path, text: str) -> Path:
-    """Readers see the old file or the new one, never half of it."""
+    """Readers see the old file or the new one, never half of it. ResultsError if it cannot be written."""
+    try:
+        return _atomic_write_text(path, text)
+    except OSError as exc:
+        import errno
+
+        why = "the disk is full" if exc.errno == errno.ENOSPC else "it cannot be written"
+        raise ResultsError(f"cannot write {path}: {why} ({exc.strerror or exc})") from exc
+
+
+def _atomic_write_text(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:

@@ -2,26 +2,33 @@
 
 Every level writes `bench-<label>/result.json` (vLLM `bench serve --save-result` keys plus our provenance),
 `requests.jsonl` (every request's timestamps and counts) and `report.txt` (the seed's report), prints its
-table row and report, and adds its headline numbers to summary.json.
+table row and report, and adds its headline numbers to summary.json, which is saved at once.
+
+A level ends early on a stop signal or when the engine dies. It is then written all the same, marked
+`"complete": false` with the reason in `cut_short`, without throughputs (its window is not a whole level's),
+and the run stops: Interrupted (exit 128 + signal) or EngineError (exit 3). After every level the engine's
+health is checked, so that a model process that died under a living API server fails the run too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from llmstack import interrupts
 from llmstack.config.schema import RunConfig
 from llmstack.engines.plan import LaunchPlan
 from llmstack.errors import BenchmarkError, EngineError
 from llmstack.results.rundir import RunDir
 
 if TYPE_CHECKING:
-    from llmstack.bench.loadgen import LoadResult
+    from llmstack.bench.loadgen import LoadResult, StopCheck
     from llmstack.bench.metrics import TokenCounter
 
 logger = logging.getLogger(__name__)
@@ -31,8 +38,18 @@ ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 HEADLINE_KEYS = (
     "completed", "failed", "duration", "request_throughput", "request_goodput", "output_throughput",
     "total_token_throughput", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p99_tpot_ms",
-    "mean_itl_ms", "mean_e2el_ms", "p99_e2el_ms", "mean_client_queue_time_ms",
+    "mean_itl_ms", "mean_e2el_ms", "p99_e2el_ms", "mean_client_queue_time_ms", "complete", "cut_short",
+    "not_sent",
 )  # fmt: skip
+# What a level cut short does not report: rates over a window that is not a whole level's.
+RATE_KEYS = (
+    "request_throughput", "request_goodput", "output_throughput", "total_token_throughput",
+    "max_output_tokens_per_s",
+)  # fmt: skip
+
+
+def _no_op(*_: object) -> None:
+    return None
 
 
 @dataclass
@@ -43,6 +60,10 @@ class PhaseContext:
     # summary.json's "benchmark" entry; phases add to it as each level finishes, so that a run that fails
     # half-way still records what it measured.
     summary: dict[str, Any]
+    # Writes the run's summary.json now (after each level: a launcher killed later loses nothing measured).
+    save: Callable[[], None] = field(default=_no_op)
+    # Names the run's current phase in summary.json ("warm-up", "benchmark").
+    enter: Callable[[str], None] = field(default=_no_op)
 
     @property
     def base_url(self) -> str:
@@ -55,6 +76,11 @@ class PhaseContext:
     @property
     def api_key(self) -> str | None:
         return self.plan.probe.api_key
+
+    def should_stop(self, server: Any | None) -> StopCheck:
+        """For the load generator: a stop signal, or a server whose main process has exited (every
+        further request would fail at once)."""
+        return interrupts.stop_requested_or((lambda: not server.alive()) if server is not None else None)
 
 
 @dataclass(frozen=True)
@@ -120,6 +146,7 @@ def warm_up(
 
     if not payloads:
         return
+    ctx.enter("warm-up")
     logger.info("warm-up: %d requests at concurrency %d", len(payloads), concurrency)
     warm = run_load_sync(
         ctx.base_url,
@@ -128,10 +155,14 @@ def warm_up(
         concurrency=concurrency,
         api_key=ctx.api_key,
         timeout_s=timeout_s,
+        should_stop=ctx.should_stop(server),
     )
+    interrupts.check()
+    if warm.stopped or not all(r.success for r in warm.records):
+        check_engine(server, "during the warm-up")
     if not any(r.success for r in warm.records):
-        raise_if_server_died(server)
         raise BenchmarkError(f"every warm-up request failed; the first error: {warm.records[0].error}")
+    ctx.enter("benchmark")
 
 
 def finish_level(
@@ -145,23 +176,44 @@ def finish_level(
     slos: Mapping[str, float],
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write and print one level's results, add its headline to the summary; raise if it measured nothing.
+    """Write and print one level's results, add its headline to the summary and save it; then stop the
+    run if the level was cut short (a stop signal, a dead engine) or measured nothing.
 
     Returns the level's full summary (result.json's content).
     """
+    from llmstack.bench.loadgen import NOT_SENT
     from llmstack.bench.metrics import summarize_load
     from llmstack.bench.records import dump_records
     from llmstack.bench.report import format_load_level, format_seed_report
 
-    summary = summarize_load(result, count_tokens=count_tokens, goodput_slos=slos, percentiles=percentiles)
+    signal_stop = result.stopped and interrupts.requested()
+    engine_problem = None
+    troubled = result.stopped or not all(r.success for r in result.records)
+    if server is not None and troubled and not signal_stop:
+        engine_problem = server.health_problem()
+    sent = [r for r in result.records if r.error != NOT_SENT]
+    measured = dataclasses.replace(result, records=sent)
+    summary = summarize_load(measured, count_tokens=count_tokens, goodput_slos=slos, percentiles=percentiles)
+    cut_short = None
+    if signal_stop:
+        cut_short = str(interrupts.interrupted())
+    elif engine_problem is not None:
+        cut_short = f"the engine failed: {engine_problem}"
+    elif result.stopped:
+        cut_short = "stopped"
+    summary["complete"] = cut_short is None
+    summary["cut_short"] = cut_short
+    summary["not_sent"] = len(result.records) - len(sent)
+    if cut_short is not None:
+        summary.update(dict.fromkeys(RATE_KEYS))
     summary.update(provenance(ctx, extra))
     level_dir = level_rundir(ctx, level.label)
     level_dir.write_json("result.json", summary)
-    dump_records(level_dir.file("requests.jsonl"), result.records)
+    dump_records(level_dir.file("requests.jsonl"), sent)
     report = format_seed_report(
-        result.records,
-        result.start,
-        result.end,
+        sent,
+        measured.start,
+        measured.end,
         concurrency=level.concurrency if level.closed else None,
         request_rate=level.request_rate,
         count_tokens=count_tokens,
@@ -170,7 +222,11 @@ def finish_level(
     print(format_load_level(summary, level.label), flush=True)
     for line in _extra_lines(summary):
         print(line, flush=True)
-    print(report, flush=True)
+    if cut_short is None:
+        print(report, flush=True)
+    else:
+        logger.warning("load level %s was cut short (%s): no throughput is reported for it", level.label,
+                       cut_short)  # fmt: skip
     headline = {k: summary.get(k) for k in HEADLINE_KEYS}
     ctx.summary.setdefault("levels", []).append(
         {
@@ -180,11 +236,22 @@ def finish_level(
             **headline,
         }
     )
-    raise_if_server_died(server)
+    ctx.save()
+    if signal_stop:
+        raise interrupts.interrupted(f"load level {level.label}")
+    if engine_problem is not None:
+        raise EngineError(
+            f"{ctx.plan.engine} failed during load level {level.label}: {engine_problem}; "
+            f"{summary['failed']} of {len(sent)} requests failed. The level's results were written, "
+            "marked cut short",
+            server.log_tail(),
+        )
+    interrupts.check()
+    check_engine(server, f"after load level {level.label}")
     if not summary["completed"]:
-        first = next((r.error for r in result.records if r.error), "no request was sent")
+        first = next((r.error for r in sent if r.error), "no request was sent")
         raise BenchmarkError(
-            f"load level {level.label}: all {len(result.records)} requests failed; the first error: {first}"
+            f"load level {level.label}: all {len(sent)} requests failed; the first error: {first}"
         )
     return summary
 
@@ -258,11 +325,11 @@ def provenance(ctx: PhaseContext, extra: Mapping[str, Any] | None = None) -> dic
     }
 
 
-def raise_if_server_died(server: Any) -> None:
-    if server is not None and not server.alive():
-        raise EngineError(
-            "the engine died during the benchmark; partial results were written", server.log_tail()
-        )
+def check_engine(server: Any | None, when: str) -> None:
+    """Stop on a stop signal; fail (EngineError, exit 3) if the engine is not healthy."""
+    interrupts.check()
+    if server is not None:
+        server.check_healthy(when)
 
 
 def load_tokenizer(ctx: PhaseContext) -> Any | None:

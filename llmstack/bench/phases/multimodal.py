@@ -15,13 +15,13 @@ from llmstack.bench.phases.common import (
     ENDPOINTS,
     Level,
     PhaseContext,
+    check_engine,
     finish_level,
     goodput_slos,
     load_tokenizer,
     log_failures,
     print_combined_table,
     progress_bar,
-    raise_if_server_died,
     request_payload,
     warm_up,
 )
@@ -100,7 +100,7 @@ class MultimodalPhase:
 
             logger.info("benchmark %s: %d image requests at concurrency %s", level.label, bench.num_prompts,
                         level.concurrency)  # fmt: skip
-            raise_if_server_died(server)
+            check_engine(server, f"before load level {level.label}")
             result = run_load_sync(
                 ctx.base_url,
                 [self.payload] * bench.num_prompts,
@@ -109,6 +109,7 @@ class MultimodalPhase:
                 api_key=ctx.api_key,
                 timeout_s=bench.timeout_s,
                 progress=progress_bar(level.label),
+                should_stop=ctx.should_stop(server),
             )
             summaries.append(
                 finish_level(
@@ -136,10 +137,11 @@ class MultimodalPhase:
             concurrency=1,
             api_key=self.ctx.api_key,
             timeout_s=self.bench.timeout_s,
+            should_stop=self.ctx.should_stop(server),
         ).records[0]
+        check_engine(server, "after the first image request")
         if first.success:
             return
-        raise_if_server_died(server)
         raise BenchmarkError(
             f"the server at {self.ctx.base_url} did not take an image request for model "
             f"'{self.ctx.served_name}' ({self.ctx.run.model.name}): {first.error}. The multimodal benchmark "

@@ -16,6 +16,7 @@ from llmstack.bench.phases.common import (
     ENDPOINTS,
     Level,
     PhaseContext,
+    check_engine,
     end_progress_line,
     finish_level,
     goodput_slos,
@@ -23,7 +24,6 @@ from llmstack.bench.phases.common import (
     log_failures,
     print_combined_table,
     progress_bar,
-    raise_if_server_died,
     request_payload,
     timed_progress_bar,
     warm_up,
@@ -116,7 +116,13 @@ class OnlinePhase:
         from llmstack.bench.timed import run_for_duration_sync
 
         bench = self.bench
-        common = {"endpoint": endpoint, "api_key": self.ctx.api_key, "timeout_s": bench.timeout_s}
+        common = {
+            "endpoint": endpoint,
+            "api_key": self.ctx.api_key,
+            "timeout_s": bench.timeout_s,
+            "should_stop": self.ctx.should_stop(server),
+        }
+        check_engine(server, f"before load level {level.label}")
         if bench.duration_s is not None and level.closed:
             assert level.concurrency is not None
             logger.info("benchmark %s: %g s at concurrency %d", level.label, bench.duration_s,
@@ -128,7 +134,6 @@ class OnlinePhase:
                 duration_s=bench.duration_s,
                 input_lens=self.input_lens,
                 progress=timed_progress_bar(level.label, bench.duration_s),
-                should_stop=(lambda: not server.alive()) if server is not None else None,
                 **common,
             )
             end_progress_line()
@@ -149,7 +154,6 @@ class OnlinePhase:
                 bench.burstiness,
                 level.concurrency or "unlimited",
             )
-        raise_if_server_died(server)
         return run_load_sync(
             self.ctx.base_url,
             payloads,

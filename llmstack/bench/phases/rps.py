@@ -21,13 +21,13 @@ from llmstack.bench.phases.common import (
     ENDPOINTS,
     Level,
     PhaseContext,
+    check_engine,
     end_progress_line,
     finish_level,
     goodput_slos,
     level_rundir,
     load_tokenizer,
     log_failures,
-    raise_if_server_died,
     request_payload,
     timed_progress_bar,
     warm_up,
@@ -90,7 +90,7 @@ class RpsPhase:
             self.prompt.tokens,
             bench.output_len,
         )
-        raise_if_server_died(server)
+        check_engine(server, f"before load level {self.level.label}")
         result = run_for_duration_sync(
             ctx.base_url,
             [self.payload],
@@ -101,7 +101,7 @@ class RpsPhase:
             timeout_s=bench.timeout_s,
             input_lens=[self.prompt.tokens],
             progress=timed_progress_bar(self.level.label, bench.duration_s),
-            should_stop=(lambda: not server.alive()) if server is not None else None,
+            should_stop=ctx.should_stop(server),
         )
         end_progress_line()
         in_time = completed_by(result, result.start + bench.duration_s)
@@ -122,7 +122,7 @@ class RpsPhase:
         }
         summary = finish_level(
             ctx,
-            None,  # the server check comes after the side-by-side table is written
+            server,
             self.level,
             result,
             count_tokens=self.count_tokens,
@@ -137,7 +137,7 @@ class RpsPhase:
             logger.warning("%s", wrk_error)
         ctx.summary["levels"][-1]["requests_per_s_wrk_style"] = ours_wrk_style
         ctx.summary["wrk"] = wrk_result.to_dict() if wrk_result is not None else None
-        raise_if_server_died(server)
+        ctx.save()
         log_failures(ctx)
 
     def _run_wrk(self, server: Any, where: Any) -> tuple[Any, str | None]:
@@ -151,7 +151,7 @@ class RpsPhase:
                 raise BenchmarkError("benchmark.wrk=always, but wrk is not on PATH")
             logger.info("wrk is not installed: only llmstack's client was measured")
             return None, None
-        raise_if_server_died(server)
+        check_engine(server, "before wrk")
         threads = bench.wrk_threads or max(1, min(bench.connections, os.cpu_count() or 1))
         command = wrk.wrk_command(
             self.ctx.base_url + ENDPOINTS["completions"],
@@ -167,6 +167,7 @@ class RpsPhase:
             cwd=where,
             api_key=self.ctx.api_key,
             timeout_s=bench.duration_s + bench.wrk_timeout_s + 60,
+            should_stop=self.ctx.should_stop(server),
         )
         (where / "wrk.txt").write_text(" ".join(command) + "\n\n" + output)
         return report, error

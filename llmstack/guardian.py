@@ -1,0 +1,78 @@
+"""The guardian: a small process that stops an engine if the launcher dies without stopping it.
+
+    python -m llmstack.guardian --mark MARK --grace SECONDS --log FILE
+
+The supervisor starts one per engine, in a session of its own (a terminal's Ctrl-C does not reach it), with
+a pipe on its stdin. Over the pipe it learns the engine's main pid (`watch PID`) and, once the supervisor
+has stopped the engine itself, that it may leave (`done`). If the pipe closes without `done`, the launcher
+is gone (SIGKILL, the OOM killer, a crash): the guardian sends SIGTERM to every process of the engine
+(`llmstack.proctree`: its group, its descendants, whatever carries its run mark), waits the grace period,
+then SIGKILL. The kernel's parent-death signal alone is not enough: it is one SIGTERM, which an engine may
+ignore (vLLM's API server does during start-up), and nothing would follow it.
+
+It notes what it did at the end of the engine's log. It imports nothing heavy, to start in milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+# Seconds between looks at the engine's processes: one that leaves the tree is still known afterwards.
+POLL_S = 0.5
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llmstack.guardian")
+    parser.add_argument("--mark", required=True)
+    parser.add_argument("--grace", type=float, default=15.0)
+    parser.add_argument("--log", default=None)
+    args = parser.parse_args(argv)
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+
+    from llmstack import proctree
+
+    root: int | None = None
+    known: set[proctree.Member] = set()
+    inbox = sys.stdin.buffer
+    while True:
+        ready, _, _ = select.select([inbox], [], [], POLL_S)
+        if ready:
+            line = inbox.readline()
+            if not line:
+                break  # the launcher is gone without saying done
+            command, _, value = line.decode(errors="replace").strip().partition(" ")
+            if command == "done":
+                return 0
+            if command == "watch":
+                root = int(value)
+        known = {m for m in known if m.alive()} | proctree.engine_members(root, args.mark)
+
+    started = time.monotonic()
+    signalled, killed = proctree.stop_all(root, args.mark, args.grace, known=known)
+    _note(
+        args.log,
+        f"the launcher died without stopping the engine: stopped {signalled} processes "
+        f"({killed} needed SIGKILL) in {time.monotonic() - started:.1f} s",
+    )
+    return 0
+
+
+def _note(log: str | None, message: str) -> None:
+    if not log:
+        return
+    try:
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(f"[llmstack guardian, pid {os.getpid()}] {message}\n")
+    except OSError:
+        pass  # a full disk must not keep the guardian from its work, which is done
+
+
+if __name__ == "__main__":
+    sys.exit(main())
