@@ -134,6 +134,7 @@ class Session:
         self._enter("startup")
         echo = _engine_echo if self.run.show_engine_log else _engine_echo_problems
         with ServerProcess(self.plan, self.rundir.file(self.plan.log_name), echo=echo) as server:
+            self.summary["engine_pid"] = server.pid  # its session id: every process of it is in that session
             # The engine takes many seconds to load: record and build prompts meanwhile, not before (a bad
             # dataset still fails within seconds, and the engine is stopped).
             self._record_inputs()

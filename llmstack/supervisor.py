@@ -68,8 +68,6 @@ class ServerProcess:
         self._guardian: subprocess.Popen[bytes] | None = None
         # The engine's processes when it became ready (see `health_problem`).
         self._members: set[proctree.Member] = set()
-        # Another server answering on our port while ours was starting: named in errors.
-        self._foreign_listener: str | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def __enter__(self) -> ServerProcess:
@@ -123,6 +121,15 @@ class ServerProcess:
     def log_tail(self, lines: int = 20) -> list[str]:
         return self._log.tail(lines) if self._log is not None else []
 
+    @property
+    def log_error(self) -> str | None:
+        """Why the engine's log is being lost (its output is still drained), or None."""
+        return self._log.error if self._log is not None else None
+
+    @property
+    def log_dropped_bytes(self) -> int:
+        return self._log.dropped_bytes if self._log is not None else 0
+
     def wait_ready(self) -> float:
         """Block until ready; returns seconds since start. Raises EngineError if it dies or times out,
         Interrupted on a stop signal."""
@@ -145,7 +152,7 @@ class ServerProcess:
                 if time.monotonic() > deadline:
                     raise EngineError(
                         f"{self.plan.engine} was not ready after {probe.timeout_s:.0f} s "
-                        f"(engine.startup_timeout_s){self._foreign_note()}; its log is {self.log_path}",
+                        f"(engine.startup_timeout_s); its log is {self.log_path}",
                         self.log_tail(),
                     )
                 if time.monotonic() >= next_heartbeat:
@@ -167,8 +174,8 @@ class ServerProcess:
         dead = sorted((m for m in self._members if not m.alive()), key=lambda m: m.pid)
         if dead:
             return "its process " + ", ".join(m.describe() for m in dead) + " died"
-        if self._log is not None and self._log.error:
-            return self._log.error
+        if self.log_error:
+            return self.log_error
         try:
             with self._client(timeout=_HEALTH_TIMEOUT_S) as client:
                 status = client.get(self.plan.probe.health_path).status_code
@@ -273,8 +280,9 @@ class ServerProcess:
         return probe.served_name in names
 
     def _port_is_ours(self) -> bool:
-        """Whether a process of the engine listens on the probe's port: another server on the same port
-        (two launches racing for a fixed port) answers the probe just as well."""
+        """Whether a process of the engine listens on the probe's port. Another server there (two launches
+        racing for one fixed port, an engine left over) answers the probe just as well, and ours can never
+        listen while it does (some event loops do not even report the failed listen): EngineError."""
         assert self.proc is not None
         port = _port_of(self.plan.probe.base_url)
         if port is None:
@@ -282,20 +290,15 @@ class ServerProcess:
         members = proctree.engine_members(self.proc.pid, self.mark)
         if port in proctree.listening_ports(members):
             return True
-        listener = proctree.listener_of(port) or "another process"
-        if self._foreign_listener is None:
-            logger.warning(
-                "port %d answers, but not from the engine we started (it is %s): waiting for ours",
-                port,
-                listener,
-            )
-        self._foreign_listener = f"{listener} on port {port}"
-        return False
-
-    def _foreign_note(self) -> str:
-        if self._foreign_listener is None:
-            return ""
-        return f"; meanwhile another server answered its probe: {self._foreign_listener}"
+        listener = proctree.listener_of(port)
+        if listener is None:
+            return False  # it stopped listening since the probe: look again
+        raise EngineError(
+            f"port {port} answers, but not from the engine we started: {listener} listens there, so "
+            f"{self.plan.engine} cannot. Two launches on one engine.port? Choose a free engine.port, or "
+            "engine.port=0 for one that llmstack picks",
+            self.log_tail(),
+        )
 
     def _loading_members(self) -> set[proctree.Member]:
         assert self.proc is not None
@@ -310,14 +313,13 @@ class ServerProcess:
             return
         self._settle_log()
         raise EngineError(
-            f"{self.plan.engine} exited with status {code} {when}{self._foreign_note()}; its log is "
-            f"{self.log_path}",
+            f"{self.plan.engine} exited with status {code} {when}; its log is {self.log_path}",
             self.log_tail(),
         )
 
     def _raise_if_log_failed(self) -> None:
-        if self._log is not None and self._log.error:
-            raise EngineError(f"{self.plan.engine}: {self._log.error}")
+        if self.log_error:
+            raise EngineError(f"{self.plan.engine}: {self.log_error}")
 
     def _settle_log(self) -> None:
         """Let the log copier take the last words of a process that has exited (not more than a moment:

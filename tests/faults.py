@@ -20,7 +20,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.procs import port_is_free, processes_with_env, sigint_by_default, wait_no_processes
+from tests.procs import (
+    port_is_free,
+    processes_in_sessions,
+    processes_with_env,
+    sigint_by_default,
+    wait_no_processes,
+)
 
 MARK_KEY = "LLMSTACK_TEST_MARK"
 # The lightweight worker on the tiny model, one torch thread: what most fault tests run.
@@ -113,11 +119,22 @@ class Launch:
             reader.join(10)
         return self.proc.returncode
 
+    def engine_sessions(self) -> set[int]:
+        """The engines' sessions (their main pids), from every summary.json the run wrote."""
+        pids = set()
+        for path in self.results.rglob("summary.json"):
+            with contextlib.suppress(OSError, ValueError):
+                if (pid := json.loads(path.read_text()).get("engine_pid")) is not None:
+                    pids.add(int(pid))
+        return pids
+
     def processes(self) -> list[int]:
-        return processes_with_env(f"{MARK_KEY}={self.mark}")
+        marked = processes_with_env(f"{MARK_KEY}={self.mark}")
+        return sorted(set(marked) | set(processes_in_sessions(self.engine_sessions())))
 
     def assert_nothing_left(self, port: int | None = None, timeout: float = 30.0) -> None:
-        left = wait_no_processes(f"{MARK_KEY}={self.mark}", timeout=timeout)
+        sessions = self.engine_sessions()
+        left = wait_no_processes(f"{MARK_KEY}={self.mark}", timeout=timeout, sessions=sessions)
         if left:
             described = [_describe(pid) for pid in left]
             self.kill_everything()

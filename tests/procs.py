@@ -26,11 +26,34 @@ def processes_with_env(marker: str) -> list[int]:
     return found
 
 
-def wait_no_processes(marker: str, timeout: float = 30.0) -> list[int]:
+def processes_in_sessions(sessions: set[int]) -> list[int]:
+    """Processes whose session id is one of `sessions`. An engine runs in a session of its own (its main
+    pid), and its processes stay in it: this finds the ones that renamed themselves with setproctitle
+    (vLLM's EngineCore and Worker), which overwrites their /proc environ, so the marker is gone."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if fields[0] != b"Z" and int(fields[3]) in sessions:
+            found.append(int(entry.name))
+    return found
+
+
+def wait_no_processes(marker: str, timeout: float = 30.0, sessions: set[int] = frozenset()) -> list[int]:
     deadline = time.monotonic() + timeout
-    while (left := processes_with_env(marker)) and time.monotonic() < deadline:
+
+    def left() -> list[int]:
+        return sorted(set(processes_with_env(marker)) | set(processes_in_sessions(set(sessions))))
+
+    while (remaining := left()) and time.monotonic() < deadline:
         time.sleep(0.2)
-    return left
+    return remaining
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:

@@ -1,0 +1,76 @@
+"""The supervisor's mechanisms under faults, with real child processes: an engine log that cannot be
+written (a full disk), an engine whose children keep its output pipe open after it died, the guardian."""
+
+from __future__ import annotations
+
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from llmstack.engines.plan import LaunchPlan, ReadyProbe
+from llmstack.errors import EngineError
+from llmstack.supervisor import ServerProcess
+from tests.procs import free_port, wait_no_processes
+
+MARK_KEY = "LLMSTACK_TEST_MARK"
+
+
+def plan_of(code: str, mark: str) -> LaunchPlan:
+    # A probe nobody answers: these processes are not servers.
+    probe = ReadyProbe(f"http://127.0.0.1:{free_port()}", "x", timeout_s=60, interval_s=0.05)
+    return LaunchPlan("child", (sys.executable, "-c", code), {MARK_KEY: mark}, probe, shutdown_grace_s=2.0)
+
+
+@pytest.fixture
+def full_disk_log(tmp_path: Path) -> Path:
+    """A log path where every write fails with ENOSPC, as on a full disk."""
+    log = tmp_path / "server.log"
+    log.symlink_to("/dev/full")
+    return log
+
+
+def test_an_unwritable_log_is_still_drained(full_disk_log: Path) -> None:
+    """The engine writes 20 MB of output to a log that cannot be written: it must not block (nobody
+    draining its pipe would stop it in its next write), and the loss is reported and counted."""
+    mark = uuid.uuid4().hex
+    chatty = "import sys\nfor _ in range(200_000):\n    sys.stdout.write('x' * 99 + '\\n')\n"
+    with ServerProcess(plan_of(chatty, mark), full_disk_log) as proc:
+        assert proc.wait_exit(timeout_s=60) == 0
+        assert proc.log_error is not None and "the disk is full" in proc.log_error
+        assert proc.log_dropped_bytes >= 19_000_000
+    assert wait_no_processes(f"{MARK_KEY}={mark}", timeout=10) == []
+
+
+def test_a_lost_log_fails_the_start_up_with_a_clear_error(full_disk_log: Path) -> None:
+    mark = uuid.uuid4().hex
+    loading = "import time\nprint('loading', flush=True)\ntime.sleep(60)\n"
+    start = time.monotonic()
+    proc = ServerProcess(plan_of(loading, mark), full_disk_log)
+    with proc, pytest.raises(EngineError, match="the disk is full"):
+        proc.wait_ready()
+    assert time.monotonic() - start < 20
+    assert wait_no_processes(f"{MARK_KEY}={mark}", timeout=10) == []
+
+
+def test_an_engine_that_exits_while_its_children_hold_its_output_is_noticed_at_once(tmp_path: Path) -> None:
+    """Its child inherits the output pipe and keeps it open: the exit must still be reported within a
+    moment (not after waiting for the pipe to close), with the last lines it wrote."""
+    mark = uuid.uuid4().hex
+    code = (
+        "import subprocess, sys, time\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        "print('giving up', flush=True)\n"
+        "time.sleep(0.3)\n"
+        "sys.exit(7)\n"
+    )
+    with ServerProcess(plan_of(code, mark), tmp_path / "server.log") as proc:
+        start = time.monotonic()
+        with pytest.raises(EngineError, match="exited with status 7") as raised:
+            proc.wait_ready()
+        noticed_after = time.monotonic() - start
+    assert noticed_after < 2.5, f"the exit was noticed after {noticed_after:.1f} s"
+    assert "giving up" in raised.value.log_tail
+    assert wait_no_processes(f"{MARK_KEY}={mark}", timeout=10) == []
