@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llmstack.errors import Interrupted, LlmstackError
+from llmstack.logs import scrubbed
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -31,9 +33,13 @@ def _full_error() -> bool:
 def run_task(cfg: DictConfig) -> int:
     """Run one composed config; the exit status (README, "Exit status")."""
     from llmstack import interrupts
-    from llmstack.logs import setup_console_logging
+    from llmstack.config.secrets import secret_values
+    from llmstack.logs import hide_secrets, setup_console_logging
     from llmstack.run import run
 
+    hide_secrets(secret_values(sys.argv[1:]))
+    with contextlib.suppress(Exception):  # a config that does not compose fails below, with its message
+        hide_secrets(_configured_secrets(cfg))
     setup_console_logging()
     interrupts.capture()
     tolerate_closed_stdout()
@@ -46,7 +52,7 @@ def run_task(cfg: DictConfig) -> int:
     except LlmstackError as exc:
         if _full_error():
             traceback.print_exc()
-        print(f"llmstack: {exc}", file=sys.stderr)
+        print(scrubbed(f"llmstack: {exc}"), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("llmstack: interrupted by SIGINT", file=sys.stderr)
@@ -58,9 +64,19 @@ def run_task(cfg: DictConfig) -> int:
             traceback.print_exc()
         notes = [n for n in getattr(exc, "__notes__", ()) if n.startswith("llmstack: ")]
         hint = "" if _full_error() else " (LLMSTACK_FULL_ERROR=1 shows the traceback)"
-        print(notes[0] if notes else f"llmstack: {describe_unexpected(exc)}{hint}", file=sys.stderr)
+        print(scrubbed(notes[0] if notes else f"llmstack: {describe_unexpected(exc)}{hint}"), file=sys.stderr)
         return 1
     return 0
+
+
+def _configured_secrets(cfg: DictConfig) -> list[str]:
+    """Secret values the composed config holds (a profile's or the user's YAML may set them too)."""
+    from omegaconf import OmegaConf
+
+    from llmstack.config.secrets import SECRET_KEYS
+
+    engine = OmegaConf.to_container(cfg.engine, resolve=True) if "engine" in cfg else {}
+    return [str(v) for k, v in engine.items() if k in SECRET_KEYS and v]  # type: ignore[union-attr]
 
 
 def tolerate_closed_stdout() -> None:

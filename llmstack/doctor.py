@@ -318,11 +318,16 @@ def write_report(path: Path, pythons: list[str], *, quick: bool = True) -> None:
     """Collect and write the report to `path` (atomically); never raises: a doctor must not fail a run."""
     try:
         text = json.dumps(collect(pythons, quick=quick), indent=2, default=str)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text + "\n", encoding="utf-8")
-        os.replace(tmp, path)
     except Exception:
-        logger.warning("doctor report not written to %s", path, exc_info=True)
+        logger.warning("doctor report not collected for %s", path, exc_info=True)
+        return
+    from llmstack.errors import ResultsError
+    from llmstack.results.rundir import atomic_write_text
+
+    try:
+        atomic_write_text(path, text + "\n")
+    except ResultsError as exc:  # a full disk says so once, elsewhere: no traceback here
+        logger.warning("doctor report not written: %s", exc)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,30 @@ from pathlib import Path
 
 _FORMAT = "%(asctime)s %(levelname).1s %(name)s: %(message)s"
 
+# Secret values (API keys) that no log line may show; see `hide_secrets`.
+_SECRETS: set[str] = set()
+
+
+def hide_secrets(values: object) -> None:
+    """From now on, these values read *** in llmstack's console and run logs (Hydra's included)."""
+    _SECRETS.update(v for v in values if isinstance(v, str) and v)  # type: ignore[attr-defined]
+
+
+def scrubbed(text: str) -> str:
+    from llmstack.config.secrets import scrub
+
+    return scrub(text, sorted(_SECRETS, key=len, reverse=True)) if _SECRETS else text
+
+
+class _SecretFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _SECRETS:
+            message = record.getMessage()
+            hidden = scrubbed(message)
+            if hidden != message:
+                record.msg, record.args = hidden, ()
+        return True
+
 
 def setup_console_logging() -> None:
     level = os.environ.get("LLMSTACK_LOG_LEVEL", "INFO").upper()
@@ -18,6 +42,7 @@ def setup_console_logging() -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", datefmt="%H:%M:%S"))
     handler._llmstack_console = True  # type: ignore[attr-defined]
+    handler.addFilter(_SecretFilter())
     root.addHandler(handler)
     root.setLevel(level)
     # httpx logs every probe request at INFO.
@@ -37,6 +62,7 @@ class _RunLogHandler(logging.FileHandler):
 def add_file_logging(path: Path) -> logging.Handler:
     handler = _RunLogHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter(_FORMAT))
+    handler.addFilter(_SecretFilter())
     logging.getLogger().addHandler(handler)
     return handler
 

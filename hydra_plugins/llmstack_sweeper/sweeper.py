@@ -6,6 +6,8 @@ It is Hydra's basic sweeper (Cartesian product, batches for the launcher) with t
   (zip) instead of crossing them. Linked axes must have the same number of values.
 - Load axes (`benchmark.concurrency`, `benchmark.request_rate` unless linked) do not make separate jobs: a
   sweep over them becomes one list-valued override, so every load level runs against one server, in order.
+
+The multirun.yaml it writes shows secrets (`engine.api_key=...`) as ***, as every file a run writes does.
 """
 
 # No `from __future__ import annotations` here: Hydra executes plugin modules without registering them in
@@ -19,6 +21,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
+from omegaconf import DictConfig
 
 LOAD_KEYS = ("benchmark.concurrency", "benchmark.request_rate")
 
@@ -48,6 +51,14 @@ class LlmstackSweeper(BasicSweeper):
         super().__init__(max_batch_size, params)
         self.link = [list(group) for group in link]
         self.load_keys = set(load_keys)
+
+    def setup(self, *, hydra_context: Any, task_function: Any, config: DictConfig) -> None:
+        super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
+        # The launcher keeps the real config; ours serves for multirun.yaml, the sweep directory and the
+        # jobs' validation only.
+        from llmstack.config.secrets import masked_sweep_config
+
+        self.config = masked_sweep_config(config)
 
     def split_arguments(
         self,

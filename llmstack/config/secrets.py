@@ -68,3 +68,22 @@ def scrub(text: str, secrets: Iterable[str]) -> str:
     for secret in secrets:
         text = text.replace(secret, MASK)
     return text
+
+
+def masked_sweep_config(config: DictConfig) -> DictConfig:
+    """A grid's whole config (Hydra's node included) with every secret shown as ***: what multirun.yaml
+    holds. Interpolations stay unresolved."""
+    overrides = list(config.hydra.overrides.task) if "hydra" in config else []
+    secrets = secret_values(overrides)
+    data = OmegaConf.to_container(config, resolve=False)
+    return OmegaConf.create(_scrubbed(_masked(data), secrets))
+
+
+def _scrubbed(node: Any, secrets: list[str]) -> Any:
+    if isinstance(node, dict):
+        return {k: _scrubbed(v, secrets) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_scrubbed(v, secrets) for v in node]
+    if isinstance(node, str) and secrets:
+        return scrub(node, secrets)
+    return node
