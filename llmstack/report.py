@@ -24,10 +24,10 @@ from llmstack.results.rundir import atomic_write_text
 logger = logging.getLogger(__name__)
 
 COLUMNS = (
-    "job", "status", "engine", "model", "low_bit", "device", "level", "concurrency", "request_rate",
-    "completed", "failed", "request_throughput", "output_throughput", "total_token_throughput",
-    "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms",
-    "mean_itl_ms", "mean_e2el_ms", "error",
+    "job", "status", "engine", "model", "low_bit", "device", "level", "complete", "concurrency",
+    "request_rate", "completed", "failed", "request_throughput", "output_throughput",
+    "total_token_throughput", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms",
+    "median_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "mean_e2el_ms", "error",
 )  # fmt: skip
 # Metrics compared between two experiments, and which direction is better.
 COMPARED = {
@@ -41,23 +41,26 @@ COMPARED = {
 
 
 def collect_rows(experiment_dir: Path) -> list[dict[str, Any]]:
-    """One row per job and load level; one row per failed job."""
+    """One row per job and load level (a failed job keeps the levels it measured, a level cut short says
+    so in `complete`); one row for a failed job that measured none."""
     rows: list[dict[str, Any]] = []
     for job_dir in sorted(p for p in experiment_dir.iterdir() if p.is_dir()):
         failure = _read_json(job_dir / "failure.json")
         summary = _read_json(job_dir / "summary.json")
-        if failure is not None:
+        bench = (summary or {}).get("benchmark") or {}
+        levels = bench.get("levels") or []
+        if failure is not None and not levels:
             rows.append({"job": job_dir.name, "status": "failed", "error": failure.get("error", "")[:300]})
             continue
         if summary is None:
             continue
         base = {
             "job": job_dir.name,
-            "status": summary.get("status"),
+            "status": "failed" if failure is not None else summary.get("status"),
             **{k: summary.get(k) for k in ("engine", "model", "low_bit", "device")},
         }
-        bench = summary.get("benchmark") or {}
-        levels = bench.get("levels") or []
+        if failure is not None:
+            base["error"] = failure.get("error", "")[:300]
         offline = bench.get("result")
         if offline and not levels:  # offline_throughput: one figure set, no load levels
             rows.append({**base, "level": "offline", **_offline_row(offline)})
@@ -67,7 +70,7 @@ def collect_rows(experiment_dir: Path) -> list[dict[str, Any]]:
         for level in levels:
             label = str(level.get("label"))
             result = _read_json(job_dir / f"bench-{label}" / "result.json") or {}
-            row = {**base, "level": label}
+            row = {**base, "level": label, "complete": _completeness(level, result)}
             for key in COLUMNS:
                 if key not in row:
                     value = level.get(key, result.get(key))
@@ -99,8 +102,9 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 
 
 def to_markdown(rows: list[dict[str, Any]], title: str = "") -> str:
-    shown = ("job", "status", "level", "completed", "failed", "request_throughput", "output_throughput",
-             "mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p99_tpot_ms", "error")  # fmt: skip
+    shown = ("job", "status", "level", "complete", "completed", "failed", "request_throughput",
+             "output_throughput", "mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p99_tpot_ms",
+             "error")  # fmt: skip
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     for row in rows:
         lines.append("| " + " | ".join(_cell(row.get(key)) for key in shown) + " |")
@@ -209,6 +213,12 @@ def _offline_row(result: dict[str, Any]) -> dict[str, Any]:
         "output_throughput": result.get("output_tokens_per_second"),
         "total_token_throughput": result.get("tokens_per_second"),
     }
+
+
+def _completeness(level: dict[str, Any], result: dict[str, Any]) -> str:
+    """ "yes", or "cut short: <why>" for a level stopped by a signal or a dead engine (older runs: yes)."""
+    cut_short = level.get("cut_short", result.get("cut_short"))
+    return "yes" if not cut_short else f"cut short: {cut_short}"
 
 
 def _load_of(row: dict[str, Any]) -> float | None:

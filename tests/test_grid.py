@@ -115,6 +115,23 @@ def test_report_rows_files_and_plots(tmp_path: Path) -> None:
     assert "engine exited with status 1" in (exp / "summary.md").read_text()
 
 
+def test_a_failed_jobs_levels_stay_in_the_report_and_a_cut_short_one_says_so(tmp_path: Path) -> None:
+    exp = tmp_path / "exp"
+    levels = _levels(1.0)
+    levels[1].update(complete=False, cut_short="the engine failed: its process VLLM::Worker (pid 7) died",
+                     output_throughput=None, request_throughput=None)  # fmt: skip
+    _job(exp, "bf16", levels)
+    (exp / "bf16" / "failure.json").write_text(json.dumps({"phase": "benchmark", "error": "engine failed"}))
+    rows = collect_rows(exp)
+    assert [(r["level"], r["status"], r["complete"]) for r in rows] == [
+        ("c1", "failed", "yes"),
+        ("c4", "failed", "cut short: the engine failed: its process VLLM::Worker (pid 7) died"),
+    ]
+    assert "output_throughput" not in rows[1] and rows[0]["error"] == "engine failed"
+    assert main([str(exp)]) == 0
+    assert "cut short: the engine failed" in (exp / "summary.md").read_text()
+
+
 def test_offline_jobs_have_a_row(tmp_path: Path) -> None:
     job = tmp_path / "exp" / "offline"
     job.mkdir(parents=True)
