@@ -418,15 +418,23 @@ async def _closed_loop(run: _Run, workers: int) -> tuple[float, float]:
     # One shared iterator: next() never yields to the loop, so no index is taken twice.
     pending = iter(range(len(records)))
 
+    should_stop = run.should_stop
+
     async def worker(connection: HttpConnection) -> None:
         for i in pending:
             backlog.add(i, await connection.send_deferred(prepared[i], records[i], timeout_s=timeout_s))
             counter.step()
+            # A failure may mean a dead server, where the rest would fail at once: ask now, not in 50 ms.
+            if should_stop is not None and records[i].error is not None and should_stop():
+                return
 
     try:
         start = await run.start()
         work = asyncio.gather(*(worker(c) for c in connections))
-        run.stopped = await run_until_stopped(work, run.should_stop)
+        # Workers that saw the stop themselves return early, before the watcher may have.
+        run.stopped = await run_until_stopped(work, run.should_stop) or any(
+            r.sent_at is None for r in records
+        )
         end = perf_counter()
     finally:
         await _close_all(connections)

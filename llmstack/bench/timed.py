@@ -67,7 +67,8 @@ async def run_for_duration(
 
     async def worker(connection: HttpConnection) -> None:
         nonlocal finished
-        while perf_counter() < deadline:
+        # Also asked before every send (not only every 50 ms): against a dead server requests fail at once.
+        while perf_counter() < deadline and not (should_stop is not None and should_stop()):
             i = len(records)
             j = i % len(prepared)
             record = RequestRecord(
