@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -258,6 +259,77 @@ def test_incremental_detokenization_equals_a_full_decode(tokenizer, text: str) -
     assert not any("\ufffd" in d for d in deltas), "a partial character was released"
 
 
+def test_an_output_cut_inside_a_character_ends_without_a_replacement_character(tokenizer) -> None:
+    """vLLM emits nothing for the bytes of a character the output did not finish."""
+    wide = tokenizer("世", add_special_tokens=False)["input_ids"]
+    assert len(wide) > 1, "the tiny vocabulary spells 世 in bytes"
+    detok = IncrementalDetokenizer(decoder_for(tokenizer), [1])
+    ids = tokenizer("ab", add_special_tokens=False)["input_ids"] + wide[:-1]
+    text = "".join(detok.push(t) for t in ids) + detok.flush()
+    assert text == "ab"
+
+
+def test_a_prefill_that_fails_fails_only_its_own_request(tokenizer) -> None:
+    """Three requests admitted together; the model cannot take one of them. The packed prefill fails, so
+    they are prefilled one by one: that one fails with its reason, its KV state is released, and the
+    other two are served."""
+    import torch
+
+    from llmstack.workers.detokenizer import decoders_for
+    from llmstack.workers.scheduler import GenerationRequest, Scheduler
+
+    poison = 999
+
+    class PickyBackend:  # a backend whose embedding lookup fails on one token id
+        device = torch.device("cpu")
+        vocab_size = 1024
+        max_batch_size = 4
+        max_model_len = 64
+
+        def __init__(self) -> None:
+            self.live: set[int] = set()
+
+        def _logits(self, n: int) -> torch.Tensor:
+            logits = torch.zeros(n, self.vocab_size)
+            logits[:, 5] = 1.0
+            return logits
+
+        def prefill(self, seq_ids, prompts) -> torch.Tensor:
+            self.live.update(seq_ids)  # slots taken before the lookup fails, as the fused backend does
+            if any(poison in p for p in prompts):
+                raise IndexError("index out of range in self")
+            return self._logits(len(seq_ids))
+
+        def decode(self, seq_ids, token_ids) -> torch.Tensor:
+            return self._logits(len(seq_ids))
+
+        def release(self, seq_id: int) -> None:
+            self.live.discard(seq_id)
+
+    updates: dict[str, list] = {}
+    backend = PickyBackend()
+
+    def publish(batch, running: int, waiting: int) -> None:
+        for request_id, update in batch:
+            updates.setdefault(request_id, []).append(update)
+
+    scheduler = Scheduler(backend, decoders_for(tokenizer), [2], publish=publish)  # type: ignore[arg-type]
+    for name, prompt in (("a", [1, 7]), ("bad", [1, poison]), ("b", [1, 8])):
+        scheduler.submit(GenerationRequest(name, prompt, SamplingParams(max_tokens=3, temperature=0.0)))
+    thread = scheduler.start()
+    deadline = time.monotonic() + 10
+    while len([u for us in updates.values() for u in us if u.finish_reason]) < 3:
+        assert time.monotonic() < deadline, updates
+        time.sleep(0.01)
+    scheduler.stop()
+    thread.join(5)
+    finals = {name: us[-1] for name, us in updates.items()}
+    assert finals["bad"].finish_reason == "error" and "IndexError" in finals["bad"].error
+    assert finals["a"].finish_reason == finals["b"].finish_reason == "length"
+    assert finals["a"].completion_tokens == finals["b"].completion_tokens == 3
+    assert backend.live == set(), "a sequence kept its KV state"
+
+
 def test_stop_string_split_over_deltas_is_found_and_cut() -> None:
     stops = StopChecker(["STOP"])
     released = []
@@ -319,7 +391,9 @@ def test_engine_client_admits_batch_plus_queue_and_counts_what_clients_get() -> 
         def _send_abort(self, request_id: str) -> None:
             aborted.append(request_id)
 
-    facts = EngineFacts(1, 64, [2], BackendInfo("transformers", "fused", "cpu", "float32", None, "llama"))
+    facts = EngineFacts(
+        1, 64, [2], BackendInfo("transformers", "fused", "cpu", "float32", None, "llama"), 1024
+    )
 
     async def main() -> WorkerMetrics:
         client = Recording(facts, max_waiting_requests=1, metrics=WorkerMetrics("tiny"))
@@ -360,16 +434,18 @@ def test_the_server_process_makes_the_text_of_requests_without_stop_strings(toke
         def _send(self, request) -> None:
             pass
 
-    facts = EngineFacts(4, 64, [2], BackendInfo("transformers", "fused", "cpu", "float32", None, "llama"))
+    facts = EngineFacts(
+        4, 64, [2], BackendInfo("transformers", "fused", "cpu", "float32", None, "llama"), 1024
+    )
     decoders = decoders_for(tokenizer)
     prompt = tokenizer("say", add_special_tokens=False)["input_ids"]
-    # Ends inside a multi-byte character, so that the last update must also release what was held back.
+    # Ends inside a multi-byte character: the last update flushes what was held back, which is no text
+    # (the bytes of an unfinished character), as in the scheduler.
     output = tokenizer(" héllo 世界", add_special_tokens=False)["input_ids"]
     output = output + tokenizer("界", add_special_tokens=False)["input_ids"][:1]
     reference = IncrementalDetokenizer(decoders[True], prompt)
     expected = [reference.push(t) for t in output]
     expected[-1] += reference.flush()
-    assert expected[-1], "the output should end with held-back bytes"
 
     async def main() -> None:
         client = Client(facts, max_waiting_requests=4, metrics=WorkerMetrics("tiny"), decoders=decoders)
@@ -385,7 +461,8 @@ def test_the_server_process_makes_the_text_of_requests_without_stop_strings(toke
             0,
         )
         assert [u.text for u in await plain_stream.next_batch()] == expected
-        assert "".join(expected) == tokenizer.decode(prompt + output)[len(tokenizer.decode(prompt)) :]
+        full = tokenizer.decode(prompt + output)[len(tokenizer.decode(prompt)) :]
+        assert "".join(expected) == full.rstrip("\ufffd") and full.endswith("\ufffd")
         # Requests with stop strings keep the model's text; an update without a token adds none.
         assert [u.text for u in await stopped_stream.next_batch()] == ["made by the model"]
         assert [u.text for u in await failed_stream.next_batch()] == [""]

@@ -172,6 +172,13 @@ class LightweightEngineConfig:
     # The scheduler and model in their own process (no GIL shared with HTTP); false: a thread of the server.
     model_process: bool = True
     log_level: str = "info"
+    # Request limits (llmstack.workers.protocol.WorkerOptions says why each is there).
+    max_stop_strings: int = 4
+    max_stop_string_chars: int = 1024
+    max_request_bytes: int = 16 * 1024 * 1024
+    max_prompt_chars: Optional[int] = None
+    trust_request_chat_template: bool = False
+    stall_timeout_s: float = 60.0
     extra_args: list[str] = field(default_factory=list)
     extra_env: dict[str, str] = field(default_factory=dict)
     startup_timeout_s: float = 600.0

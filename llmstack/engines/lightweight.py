@@ -142,6 +142,12 @@ class LightweightEngine:
             torch_threads=e.torch_threads,
             model_process=e.model_process,
             log_level=e.log_level,
+            max_stop_strings=e.max_stop_strings,
+            max_stop_string_chars=e.max_stop_string_chars,
+            max_request_bytes=e.max_request_bytes,
+            max_prompt_chars=e.max_prompt_chars,
+            trust_request_chat_template=e.trust_request_chat_template,
+            stall_timeout_s=e.stall_timeout_s,
         )
 
     def plan(self, run: RunConfig) -> LaunchPlan:

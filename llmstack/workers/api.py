@@ -10,8 +10,11 @@
     POST /generate_stream        ipex-llm: SSE in ipex-llm's chunk shape, with a true finish_reason
 
 Errors are OpenAI-style bodies, {"error": {"message", "type", "param", "code"}}, with a 4xx status for
-anything the client got wrong; the server keeps serving. Streams end with `data: [DONE]` (OpenAI routes)
-and carry `usage` when `stream_options.include_usage` asks for it.
+anything the client got wrong; the server keeps serving. Requests are bounded before they cost anything
+(`RequestLimits`: body bytes, 413; prompt characters, stop strings, token ids and seeds, 400), chat
+templates that requests bring run only where the server trusts them, and large prompts are templated and
+tokenized off the event loop, so that one request cannot hold /health or the other streams. Streams end
+with `data: [DONE]` (OpenAI routes) and carry `usage` when `stream_options.include_usage` asks for it.
 
 Chunks are rendered from pre-built JSON fragments: per token only the text is JSON-escaped.
 """
@@ -19,11 +22,13 @@ Chunks are rendered from pre-built JSON fragments: per token only the text is JS
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from json.encoder import encode_basestring_ascii as json_string  # type: ignore[attr-defined]
 from typing import Any
 
@@ -48,6 +53,39 @@ from llmstack.workers.scheduler import Update
 from llmstack.workers.streams import EventStreamResponse, RequestStream
 
 logger = logging.getLogger(__name__)
+
+# OpenAI's max_tokens when a completions request gives none.
+COMPLETIONS_MAX_TOKENS = 16
+# Prompts and conversations shorter than this are templated and tokenized inline: well under a
+# millisecond, less than handing them to a thread. Longer ones go to the CPU pool.
+INLINE_CHARS = 4096
+# Seeds as vLLM takes them (a torch.long).
+SEED_RANGE = (-(2**63), 2**63 - 1)
+# Keys of chat_template_kwargs that would replace the template, or change what the call returns.
+TEMPLATE_KEYS = frozenset({"chat_template", "tokenize", "return_dict", "tools_in_user_message"})
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask for (`WorkerOptions` says why each limit is there)."""
+
+    max_stop_strings: int = 4
+    max_stop_string_chars: int = 1024
+    max_request_bytes: int = 16 * 1024 * 1024
+    max_prompt_chars: int = 64 * 4096
+    trust_request_chat_template: bool = False
+    stall_timeout_s: float = 60.0
+
+    @classmethod
+    def from_options(cls, options: Any, max_model_len: int) -> RequestLimits:
+        return cls(
+            max_stop_strings=options.max_stop_strings,
+            max_stop_string_chars=options.max_stop_string_chars,
+            max_request_bytes=options.max_request_bytes,
+            max_prompt_chars=options.max_prompt_chars or 64 * max_model_len,
+            trust_request_chat_template=options.trust_request_chat_template,
+            stall_timeout_s=options.stall_timeout_s,
+        )
 
 
 class ApiError(Exception):
@@ -94,6 +132,8 @@ class Worker:
         info: BackendInfo,
         metrics: WorkerMetrics,
         api_key: str | None,
+        vocab_size: int,
+        limits: RequestLimits | None = None,
     ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
@@ -103,17 +143,68 @@ class Worker:
         self.info = info
         self.metrics = metrics
         self.api_key = api_key
+        self.vocab_size = vocab_size
+        self.limits = limits or RequestLimits()
         self.created = int(time.time())
         self._model_json = json_string(served_name)
+        # Templating and tokenizing of large prompts, off the event loop; two at a time at most.
+        self._cpu = ThreadPoolExecutor(max_workers=2, thread_name_prefix="llmstack-tokenize")
 
     # -- request handling --------------------------------------------------------------------------------
     def check_auth(self, request: Request) -> None:
         if self.api_key is None:
             return
-        if request.headers.get("authorization", "") != f"Bearer {self.api_key}":
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        # The scheme is case-insensitive (RFC 9110); the key is compared in constant time.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), self.api_key.encode()
+        ):
             raise ApiError(
                 401, "Invalid or missing API key (Authorization: Bearer <key>).", code="invalid_api_key"
             )
+
+    async def read_body(self, request: Request) -> bytes:
+        """The request body, refused (413) as soon as it is larger than the limit."""
+        limit = self.limits.max_request_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise self._too_large(int(declared))
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise self._too_large(size)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _too_large(self, size: int) -> ApiError:
+        return ApiError(
+            413,
+            f"The request body has {size} bytes or more; this server takes at most "
+            f"{self.limits.max_request_bytes} bytes (max_request_bytes).",
+            code="request_too_large",
+        )
+
+    async def off_loop(self, size: int, work: Callable[..., Any], *args: Any) -> Any:
+        """`work(*args)`, in the CPU pool when `size` (characters) is large, inline when it is small."""
+        if size < INLINE_CHARS:
+            return work(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._cpu, work, *args)
+
+    def check_prompt_chars(self, chars: int, param: str) -> None:
+        if chars > self.limits.max_prompt_chars:
+            raise ApiError(
+                400,
+                f"The prompt has {chars} characters; this server takes at most "
+                f"{self.limits.max_prompt_chars} (max_prompt_chars) before tokenizing.",
+                param=param,
+            )
+
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        for token_id in ids:
+            if not 0 <= token_id < self.vocab_size:
+                raise ApiError(400, f"Token id {token_id} is out of vocabulary.", param=param)
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.served_name:
@@ -125,23 +216,35 @@ class Worker:
                 code="model_not_found",
             )
 
-    def encode_prompt(self, prompt: str | list[int] | list[str] | list[list[int]]) -> list[int]:
+    async def encode_prompt(self, prompt: str | list[int] | list[str] | list[list[int]]) -> list[int]:
         if isinstance(prompt, str):
-            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        if prompt and all(isinstance(p, int) for p in prompt):
-            return list(prompt)  # type: ignore[arg-type]
+            if not prompt:
+                raise ApiError(400, "The prompt is empty.", param="prompt")
+            self.check_prompt_chars(len(prompt), "prompt")
+            return await self.off_loop(len(prompt), self._tokenize, prompt, True)
+        if not prompt:
+            raise ApiError(400, "The prompt is empty.", param="prompt")
+        if all(isinstance(p, int) for p in prompt):
+            ids = list(prompt)  # type: ignore[arg-type]
+            self.check_token_ids(ids, "prompt")
+            return ids
         if len(prompt) == 1:
-            return self.encode_prompt(prompt[0])
+            return await self.encode_prompt(prompt[0])
         raise ApiError(
             400,
             "Exactly one prompt per request is supported (a string or a list of token ids).",
             param="prompt",
         )
 
-    def encode_chat(self, req: ChatCompletionRequest) -> list[int]:
-        if getattr(self.tokenizer, "chat_template", None) is None:
+    def _tokenize(self, text: str, special: bool) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    async def encode_chat(self, req: ChatCompletionRequest) -> list[int]:
+        template = self._request_template(req)
+        if template is None and getattr(self.tokenizer, "chat_template", None) is None:
             raise ApiError(400, "The model has no chat template; use /v1/completions.", param="messages")
         messages = []
+        chars = 0
         for message in req.messages:
             content = message.content
             if isinstance(content, list):
@@ -157,24 +260,48 @@ class Worker:
                 content = "".join(texts)
             entry = message.model_dump(exclude_none=True)
             entry["content"] = content or ""
+            chars += len(entry["content"])
             messages.append(entry)
+        self.check_prompt_chars(chars, "messages")
+        kwargs = {k: v for k, v in (req.chat_template_kwargs or {}).items() if k not in TEMPLATE_KEYS}
+        if template is not None:
+            kwargs["chat_template"] = template
+        return await self.off_loop(chars, self._apply_template, messages, req.add_generation_prompt, kwargs)
+
+    def _request_template(self, req: ChatCompletionRequest) -> str | None:
+        """A chat template the request brings: arbitrary code, run only where the server trusts it."""
+        template = req.chat_template or (req.chat_template_kwargs or {}).get("chat_template")
+        if template is not None and not self.limits.trust_request_chat_template:
+            raise ApiError(
+                400,
+                "Chat templates sent with a request are refused: this server was not started to trust "
+                "them (trust_request_chat_template).",
+                param="chat_template",
+            )
+        return template
+
+    def _apply_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                        kwargs: dict[str, Any]) -> list[int]:  # fmt: skip
         try:
             text = self.tokenizer.apply_chat_template(
-                messages,
-                tokenize=False,
-                add_generation_prompt=req.add_generation_prompt,
-                **(req.chat_template_kwargs or {}),
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
             )
         except Exception as exc:  # the template rejects the conversation (e.g. roles out of order)
             raise ApiError(
                 400, f"The chat template failed on these messages: {exc}", param="messages"
             ) from exc
         # The template writes the special tokens (BOS) itself.
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self._tokenize(text, False)
 
     def sampling_params(
-        self, fields: SamplingFields, prompt_len: int, max_tokens: int | None
+        self,
+        fields: SamplingFields,
+        prompt_len: int,
+        max_tokens: int | None,
+        default_max_tokens: int | None = None,
     ) -> SamplingParams:
+        """`max_tokens` None: the request did not say; then `default_max_tokens`, clamped to the room the
+        context leaves (as vLLM does), or all of that room."""
         if fields.n != 1:
             raise ApiError(400, "n > 1 is not supported: send n requests.", param="n")
         if fields.logprobs not in (None, False, 0):
@@ -190,7 +317,7 @@ class Worker:
                 param="prompt",
             )
         if max_tokens is None:
-            max_tokens = room
+            max_tokens = room if default_max_tokens is None else min(default_max_tokens, room)
         if max_tokens < 1:
             raise ApiError(400, "max_tokens must be at least 1.", param="max_tokens")
         if max_tokens > room:
@@ -209,6 +336,10 @@ class Worker:
                 param="min_tokens",
             )
         stop = (fields.stop,) if isinstance(fields.stop, str) else tuple(fields.stop or ())
+        self._check_stops(stop)
+        self.check_token_ids(list(fields.stop_token_ids or ()), "stop_token_ids")
+        if fields.seed is not None and not SEED_RANGE[0] <= fields.seed <= SEED_RANGE[1]:
+            raise ApiError(400, f"seed must be between {SEED_RANGE[0]} and {SEED_RANGE[1]}.", param="seed")
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=1.0 if fields.temperature is None else fields.temperature,
@@ -224,6 +355,24 @@ class Worker:
             frequency_penalty=fields.frequency_penalty,
             skip_special_tokens=fields.skip_special_tokens,
         )
+
+    def _check_stops(self, stop: tuple[str, ...]) -> None:
+        limits = self.limits
+        if len(stop) > limits.max_stop_strings:
+            raise ApiError(
+                400,
+                f"{len(stop)} stop strings; this server takes at most {limits.max_stop_strings} "
+                "(max_stop_strings).",
+                param="stop",
+            )
+        longest = max((len(s) for s in stop), default=0)
+        if longest > limits.max_stop_string_chars:
+            raise ApiError(
+                400,
+                f"A stop string has {longest} characters; this server takes at most "
+                f"{limits.max_stop_string_chars} characters (max_stop_string_chars).",
+                param="stop",
+            )
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, prefix: str) -> tuple[str, RequestStream]:
         try:
@@ -427,6 +576,14 @@ def build_app(
     async def health() -> Response:
         if not worker.engine.alive():
             return error_response(503, "The model loop is not running.", kind="server_error")
+        stalled = worker.engine.stalled_for()
+        if stalled > worker.limits.stall_timeout_s:
+            return error_response(
+                503,
+                f"The model loop has made no progress for {stalled:.0f} s with "
+                f"{worker.engine.snapshot()['open_requests']} requests open.",
+                kind="server_error",
+            )
         return Response(status_code=200)
 
     @app.get("/v1/models")
@@ -460,9 +617,13 @@ def build_app(
         return JSONResponse(data)
 
     async def respond(
-        fields: SamplingFields, prompt_ids: list[int], max_tokens: int | None, chat: bool
+        fields: SamplingFields,
+        prompt_ids: list[int],
+        max_tokens: int | None,
+        chat: bool,
+        default_max_tokens: int | None = None,
     ) -> Response:
-        params = worker.sampling_params(fields, len(prompt_ids), max_tokens)
+        params = worker.sampling_params(fields, len(prompt_ids), max_tokens, default_max_tokens)
         request_id, stream = worker.submit(prompt_ids, params, "chatcmpl" if chat else "cmpl")
         if fields.stream:
             options = fields.stream_options
@@ -500,32 +661,35 @@ def build_app(
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         worker.check_auth(request)
-        req = _parse(CompletionRequest, await request.body())
+        req = _parse(CompletionRequest, await worker.read_body(request))
         worker.check_model(req.model)
         for field, bad in (("echo", req.echo), ("suffix", req.suffix), ("best_of", (req.best_of or 1) > 1)):
             if bad:
                 raise ApiError(400, f"{field} is not supported.", param=field)
-        return await respond(req, worker.encode_prompt(req.prompt), req.max_tokens, chat=False)
+        # OpenAI's default of 16 applies where the request says nothing, clamped to the context.
+        given = req.max_tokens if "max_tokens" in req.model_fields_set else None
+        prompt_ids = await worker.encode_prompt(req.prompt)
+        return await respond(req, prompt_ids, given, chat=False, default_max_tokens=COMPLETIONS_MAX_TOKENS)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         worker.check_auth(request)
-        req = _parse(ChatCompletionRequest, await request.body())
+        req = _parse(ChatCompletionRequest, await worker.read_body(request))
         worker.check_model(req.model)
         if req.top_logprobs:
             raise ApiError(400, "logprobs are not supported.", param="top_logprobs")
         limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        return await respond(req, worker.encode_chat(req), limit, chat=True)
+        return await respond(req, await worker.encode_chat(req), limit, chat=True)
 
     async def generate_common(request: Request, force_stream: bool) -> Response:
         worker.check_auth(request)
-        req = _parse(GenerateRequest, await request.body())
+        req = _parse(GenerateRequest, await worker.read_body(request))
         p = req.parameters
         if p is None:
             p = TgiParameters()
         if p.typical_p not in (None, 1.0):
             raise ApiError(400, "typical_p is not supported.", param="parameters.typical_p")
-        prompt_ids = worker.encode_prompt(req.inputs)
+        prompt_ids = await worker.encode_prompt(req.inputs)
         # ipex-llm's semantics: greedy unless do_sample; its OpenAI routes set do_sample = temperature > 1e-4.
         sampled = p.do_sample if p.do_sample is not None else (p.temperature or 0.0) > 1e-4
         fields = SamplingFields(

@@ -50,8 +50,6 @@ class SamplingFields(_Body):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
-    # OpenAI's default for completions.
-    max_tokens: int | None = Field(default=16, ge=0)
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
@@ -74,6 +72,8 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=0)
     add_generation_prompt: bool = True
+    # A template of the request's own (vLLM's extension): run only where the server trusts them.
+    chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     top_logprobs: int | None = None
 

@@ -62,14 +62,17 @@ class IncrementalDetokenizer:
         return delta
 
     def flush(self) -> str:
-        """Whatever text is still held back (an incomplete character at the end of the output)."""
+        """Whatever text is still held back at the end of the output, without the replacement characters
+        of a character left incomplete."""
         ids = self._ids
         if self._read_offset >= len(ids):
             return ""
         prefix_text = self._decode(ids[self._prefix_offset : self._read_offset])
         new_text = self._decode(ids[self._prefix_offset :])
         self._read_offset = len(ids)
-        return new_text[len(prefix_text) :] if len(new_text) > len(prefix_text) else ""
+        rest = new_text[len(prefix_text) :] if len(new_text) > len(prefix_text) else ""
+        # An output cut off inside a character: its bytes are not text (vLLM emits nothing for them).
+        return rest.rstrip(_REPLACEMENT)
 
 
 class StopChecker:

@@ -3,8 +3,9 @@
 Two ways to run the scheduler (`scheduler.Scheduler`), same interface here:
 
   ProcessEngine (default)  the scheduler and the backend run in a child process (`engine_process.py`);
-                           requests go down a pipe, each iteration's updates come back up it and are read
-                           by the event loop (`add_reader`). The model never competes with HTTP for the
+                           requests go down one pipe (sent by a writer thread: a large message never
+                           blocks the event loop), each iteration's updates come back up another and are
+                           read by the event loop (`add_reader`). The model never competes with HTTP for the
                            GIL: with both in one process, every torch call releases and re-takes the GIL,
                            and each re-take waits behind the event loop (measured: half the throughput of
                            a small model on 2 cores).
@@ -13,7 +14,8 @@ Two ways to run the scheduler (`scheduler.Scheduler`), same interface here:
                            device (GIL released) rather than on Python.
 
 Metrics are kept here, from what clients are sent: TTFT is arrival at this process to the first token
-handed to the client's stream.
+handed to the client's stream. So is the model loop's progress: requests open and no update for
+`stall_timeout_s` is a stalled loop (`stalled_for`), which /health reports.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import queue
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,6 +61,8 @@ class EngineFacts:
     max_model_len: int
     eos_token_ids: list[int]
     info: BackendInfo
+    # Rows of the embedding: token ids at or above it are out of vocabulary.
+    vocab_size: int
 
 
 class EngineClient:
@@ -85,6 +91,8 @@ class EngineClient:
         self.waiting = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: dict[str, RequestStream] = {}
+        # When the model loop last showed progress (an update), or work arrived at an idle loop.
+        self._progress_at = time.monotonic()
         metrics.running = lambda: self.running
         metrics.waiting = lambda: self.waiting
 
@@ -99,6 +107,8 @@ class EngineClient:
         if not self.alive():
             raise EngineDied("the model loop is not running")
         assert self._loop is not None
+        if not self._streams:
+            self._progress_at = time.monotonic()  # an idle loop owes no progress until now
         request_id = f"{prefix}-{os.urandom(12).hex()}"
         stream = RequestStream(self._loop)
         if self._decoders is not None and not text_needed_beside_model(params):
@@ -120,10 +130,17 @@ class EngineClient:
     def snapshot(self) -> dict[str, Any]:
         return {"running": self.running, "waiting": self.waiting, "open_requests": len(self._streams)}
 
+    def stalled_for(self) -> float:
+        """Seconds the model loop has made no progress while requests are open (0: none open)."""
+        if not self._streams:
+            return 0.0
+        return time.monotonic() - self._progress_at
+
     # -- for subclasses ----------------------------------------------------------------------------------
     def _dispatch(self, updates: list[tuple[str, Update]], running: int, waiting: int) -> None:
         """In the event loop: hand one iteration's updates to their streams."""
         self.running, self.waiting = running, waiting
+        self._progress_at = time.monotonic()
         now = time.perf_counter()
         metrics = self.metrics
         for request_id, update in updates:
@@ -182,7 +199,7 @@ class ThreadEngine(EngineClient):
             publish=self._publish,
         )
         facts = EngineFacts(options.max_batch_size, loaded.max_model_len, loaded.eos_token_ids,
-                            loaded.backend.info())  # fmt: skip
+                            loaded.backend.info(), loaded.backend.vocab_size)  # fmt: skip
         super().__init__(facts, max_waiting_requests=options.max_waiting_requests, metrics=metrics)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -209,7 +226,8 @@ class ThreadEngine(EngineClient):
 
 
 class ModelProcess:
-    """The child process that loads the model and runs the scheduler (multiprocessing, spawn)."""
+    """The child process that loads the model and runs the scheduler (multiprocessing, spawn), and the two
+    one-way pipes to it: `requests` (this process sends) and `updates` (this process reads)."""
 
     def __init__(self, options: WorkerOptions) -> None:
         import multiprocessing
@@ -217,33 +235,37 @@ class ModelProcess:
         from llmstack.workers import engine_process
 
         context = multiprocessing.get_context("spawn")
-        self.conn, child_conn = context.Pipe(duplex=True)
+        inbox, self.requests = context.Pipe(duplex=False)
+        self.updates, outbox = context.Pipe(duplex=False)
         self.process = context.Process(
-            target=engine_process.main, args=(child_conn, options), name="llmstack-model", daemon=True
+            target=engine_process.main, args=(inbox, outbox, options), name="llmstack-model", daemon=True
         )
         self.process.start()
-        child_conn.close()
+        inbox.close()
+        outbox.close()
 
     def wait_ready(self, timeout_s: float = LOAD_TIMEOUT_S) -> EngineFacts:
         """Block until the model is loaded; RuntimeError with the reason if it could not be."""
         deadline = time.monotonic() + timeout_s
-        while not self.conn.poll(0.5):
+        while not self.updates.poll(0.5):
             if not self.process.is_alive():
                 raise RuntimeError(
                     f"the model process exited with status {self.process.exitcode} while loading"
                 )
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the model was not loaded after {timeout_s:.0f} s")
-        kind, payload = self.conn.recv()
+        kind, payload = self.updates.recv()
         if kind == "error":
             self.process.join(10)
             raise RuntimeError(payload)
         assert kind == "ready", kind
         return payload
 
-    def stop(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            self.conn.send(("stop", None))
+    def stop(self, tell: bool = True) -> None:
+        """`tell`: send the stop message here (False: the caller's writer has sent it)."""
+        if tell:
+            with contextlib.suppress(OSError, ValueError):
+                self.requests.send(("stop", None))
         self.process.join(10)
         if self.process.is_alive():
             self.process.kill()
@@ -251,8 +273,13 @@ class ModelProcess:
 
 
 class ProcessEngine(EngineClient):
-    """The model loop in a child process, talking over a pipe. The text of requests without stop strings
-    is made here, from their token ids (`decoders`), so that the model process spends no time on it."""
+    """The model loop in a child process. The text of requests without stop strings is made here, from
+    their token ids (`decoders`), so that the model process spends no time on it.
+
+    Requests and aborts go to a writer thread, which sends them on a blocking pipe: a message of any size
+    goes through, and the event loop never waits for the model process to read it. Updates are read by the
+    event loop from the other pipe.
+    """
 
     def __init__(
         self,
@@ -265,7 +292,9 @@ class ProcessEngine(EngineClient):
     ) -> None:
         super().__init__(facts, max_waiting_requests=max_waiting_requests, metrics=metrics, decoders=decoders)
         self._model = model
-        self._conn = model.conn
+        self._updates = model.updates
+        self._outgoing: queue.SimpleQueue[tuple[str, Any] | None] = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write, name="llmstack-model-requests", daemon=True)
         self._dead = False
         self._stopping = False
         self._died_serving = False
@@ -274,14 +303,19 @@ class ProcessEngine(EngineClient):
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        loop.add_reader(self._conn.fileno(), self._on_readable)
+        loop.add_reader(self._updates.fileno(), self._on_readable)
+        self._writer.start()
 
     def stop(self) -> None:
         self._stopping = True
         if self._loop is not None and not self._dead:
             with contextlib.suppress(Exception):
-                self._loop.remove_reader(self._conn.fileno())
-        self._model.stop()
+                self._loop.remove_reader(self._updates.fileno())
+        self._outgoing.put(("stop", None))
+        self._outgoing.put(None)
+        if self._writer.is_alive():
+            self._writer.join(5)
+        self._model.stop(tell=not self._writer.ident)
 
     def alive(self) -> bool:
         return not self._dead and self._model.process.is_alive()
@@ -293,12 +327,26 @@ class ProcessEngine(EngineClient):
 
     def _on_readable(self) -> None:
         try:
-            while self._conn.poll():
-                _, rows, running, waiting = self._conn.recv()
+            while self._updates.poll():
+                _, rows, running, waiting = self._updates.recv()
                 updates = [(r[0], Update(r[1], r[2], r[3], r[4], r[5], r[6])) for r in rows]
                 self._dispatch(updates, running, waiting)
         except (EOFError, OSError) as exc:
             self._engine_died(exc)
+
+    def _write(self) -> None:
+        """In the writer thread: send what the event loop queued, in order, blocking as long as it takes."""
+        conn = self._model.requests
+        while (message := self._outgoing.get()) is not None:
+            try:
+                conn.send(message)
+            except (OSError, ValueError) as exc:
+                if not self._stopping:
+                    logger.error("cannot send to the model process (%s: %s)", type(exc).__name__, exc)
+                    if self._loop is not None:
+                        with contextlib.suppress(RuntimeError):
+                            self._loop.call_soon_threadsafe(self._engine_died, exc)
+                return
 
     def _engine_died(self, exc: BaseException) -> None:
         if self._dead:
@@ -306,25 +354,22 @@ class ProcessEngine(EngineClient):
         self._dead = True
         if self._loop is not None:
             with contextlib.suppress(Exception):
-                self._loop.remove_reader(self._conn.fileno())
+                self._loop.remove_reader(self._updates.fileno())
         if self._stopping:
             return
         self._died_serving = True
         self._model.process.join(1)
         message = f"the model process exited (status {self._model.process.exitcode})"
-        logger.error("%s: failing %d open requests and stopping the server", message, len(self._streams))
+        logger.error(
+            "%s (%s: %s): failing %d open requests and stopping the server",
+            message, type(exc).__name__, exc, len(self._streams),
+        )  # fmt: skip
         self._fail_all(message)
         if self.on_death is not None:
             self.on_death()
 
     def _send(self, request: GenerationRequest) -> None:
-        try:
-            self._conn.send(("add", request))
-        except OSError as exc:
-            self._streams.pop(request.request_id, None)
-            self._engine_died(exc)
-            raise EngineDied("the model process is gone") from exc
+        self._outgoing.put(("add", request))
 
     def _send_abort(self, request_id: str) -> None:
-        with contextlib.suppress(OSError):
-            self._conn.send(("abort", request_id))
+        self._outgoing.put(("abort", request_id))

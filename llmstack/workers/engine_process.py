@@ -1,6 +1,8 @@
 """The model process: loads the model, runs the scheduler, talks to the server process over a pipe.
 
-Messages (pickled tuples on a multiprocessing Pipe):
+Messages (pickled tuples on two one-way multiprocessing Pipes, one per direction: the server's event loop
+makes the end it reads non-blocking, and a send on a non-blocking end fails for any message larger than
+the socket's buffer, so the server never sends on that end):
   server -> model   ("add", GenerationRequest)  ("abort", request_id)  ("stop", None)
   model -> server   ("ready", EngineFacts) or ("error", message), once, after loading;
                     ("updates", [(request_id, *Update fields), ...], running, waiting), once per
@@ -31,7 +33,7 @@ logger = logging.getLogger("llmstack.workers.model_process")
 _PR_SET_PDEATHSIG = 1
 
 
-def main(conn: Any, options: WorkerOptions) -> None:
+def main(inbox: Any, outbox: Any, options: WorkerOptions) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if sys.platform == "linux":
@@ -50,18 +52,18 @@ def main(conn: Any, options: WorkerOptions) -> None:
     try:
         loaded = load(options)
     except BackendError as exc:
-        conn.send(("error", str(exc)))
+        outbox.send(("error", str(exc)))
         return
     except Exception as exc:
         logger.exception("loading the model failed")
-        conn.send(("error", f"loading the model failed: {type(exc).__name__}: {exc}"))
+        outbox.send(("error", f"loading the model failed: {type(exc).__name__}: {exc}"))
         return
 
     def publish(updates: list, running: int, waiting: int) -> None:
         # Plain tuples: pickling them is several times cheaper than pickling dataclass instances.
         rows = [(rid, u.text, u.completion_tokens, u.token_id, u.finish_reason, u.stop_reason, u.error)
                 for rid, u in updates]  # fmt: skip
-        conn.send(("updates", rows, running, waiting))
+        outbox.send(("updates", rows, running, waiting))
 
     scheduler = Scheduler(
         loaded.backend,
@@ -72,10 +74,14 @@ def main(conn: Any, options: WorkerOptions) -> None:
         text_for_stops_only=True,
     )
     facts = EngineFacts(
-        options.max_batch_size, loaded.max_model_len, loaded.eos_token_ids, loaded.backend.info()
+        options.max_batch_size,
+        loaded.max_model_len,
+        loaded.eos_token_ids,
+        loaded.backend.info(),
+        loaded.backend.vocab_size,
     )
-    conn.send(("ready", facts))
-    reader = threading.Thread(target=_read, args=(conn, scheduler), name="llmstack-model-inbox", daemon=True)
+    outbox.send(("ready", facts))
+    reader = threading.Thread(target=_read, args=(inbox, scheduler), name="llmstack-model-inbox", daemon=True)
     reader.start()
     try:
         scheduler.run()

@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import uvicorn
 
-    from llmstack.workers.api import Worker, build_app
+    from llmstack.workers.api import RequestLimits, Worker, build_app
 
     worker = Worker(
         engine,
@@ -55,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         info=engine.facts.info,
         metrics=metrics,
         api_key=os.environ.get(API_KEY_ENV) or None,
+        vocab_size=engine.facts.vocab_size,
+        limits=RequestLimits.from_options(options, engine.max_model_len),
     )
     app = build_app(
         worker,

@@ -58,6 +58,18 @@ class WorkerOptions:
     # Run the scheduler and the model in a child process (no GIL shared with HTTP); False: a thread.
     model_process: bool = True
     log_level: str = "info"
+    # What one request may ask for. Stop strings: vLLM's count (VLLM_MAX_STOP_STRINGS), and a length of
+    # ours (vLLM has none; each character is checked at every token). Bodies and prompts are bounded
+    # before they are parsed or tokenized, so that one request cannot hold the event loop.
+    max_stop_strings: int = 4
+    max_stop_string_chars: int = 1024
+    max_request_bytes: int = 16 * 1024 * 1024
+    # None: 64 characters per token of context (a token is rarely longer; the exact limit is max_model_len).
+    max_prompt_chars: int | None = None
+    # Run chat templates that requests bring (vLLM's --trust-request-chat-template): arbitrary Jinja code.
+    trust_request_chat_template: bool = False
+    # /health answers 503 when requests are open and the model loop has not moved for this long.
+    stall_timeout_s: float = 60.0
 
     def to_argv(self) -> list[str]:
         argv = ["--model", self.model, "--served-model-name", self.served_model_name]
@@ -79,6 +91,11 @@ class WorkerOptions:
         if not self.model_process:
             argv.append("--model-in-thread")
         argv += ["--log-level", self.log_level]
+        # The request limits only where they differ from the worker's defaults: shorter commands.
+        for name, flag in _LIMIT_FLAGS.items():
+            value = getattr(self, name)
+            if value != _DEFAULTS[name]:
+                argv += [flag] if value is True else [flag, str(value)]
         return argv
 
     @classmethod
@@ -117,7 +134,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--log-level", dest="log_level", default="info", choices=("debug", "info", "warning", "error")
     )
+    p.add_argument("--max-stop-strings", dest="max_stop_strings", type=_non_negative, default=4)
+    p.add_argument("--max-stop-string-chars", dest="max_stop_string_chars", type=_positive, default=1024)
+    p.add_argument("--max-request-bytes", dest="max_request_bytes", type=_positive, default=16 * 1024 * 1024)
+    p.add_argument("--max-prompt-chars", dest="max_prompt_chars", type=_positive, default=None)
+    p.add_argument("--trust-request-chat-template", dest="trust_request_chat_template", action="store_true")
+    p.add_argument("--stall-timeout-s", dest="stall_timeout_s", type=float, default=60.0)
     return p
+
+
+_LIMIT_FLAGS = {
+    "max_stop_strings": "--max-stop-strings",
+    "max_stop_string_chars": "--max-stop-string-chars",
+    "max_request_bytes": "--max-request-bytes",
+    "max_prompt_chars": "--max-prompt-chars",
+    "trust_request_chat_template": "--trust-request-chat-template",
+    "stall_timeout_s": "--stall-timeout-s",
+}
 
 
 def _positive(text: str) -> int:
@@ -132,3 +165,6 @@ def _non_negative(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(WorkerOptions)}

@@ -168,7 +168,7 @@ class Scheduler:
             try:
                 admitted = self._admit()
                 if admitted:
-                    self._prefill(admitted)
+                    self._prefill_isolating(admitted)
                     self._flush()
                 if self._running:
                     self._decode_step()
@@ -226,6 +226,41 @@ class Scheduler:
                 seq.row.generator = make_generator(params.seed, self.backend.device)
             admitted.append(seq)
         return admitted
+
+    def _prefill_isolating(self, admitted: list[_Sequence]) -> None:
+        """Prefill the admitted sequences together; if that fails, one by one, so that a request the model
+        cannot take fails alone (its KV state freed) and the others are served."""
+        try:
+            self._prefill(admitted)
+            return
+        except Exception as exc:
+            self._undo_prefill(admitted)
+            if len(admitted) == 1:
+                self._fail_unstarted(admitted[0], exc)
+                return
+            logger.warning("prefill of %d requests failed (%s: %s): trying them one by one",
+                           len(admitted), type(exc).__name__, exc)  # fmt: skip
+        for seq in admitted:
+            try:
+                self._prefill([seq])
+            except Exception as exc:
+                self._undo_prefill([seq])
+                self._fail_unstarted(seq, exc)
+
+    def _undo_prefill(self, seqs: list[_Sequence]) -> None:
+        for seq in seqs:
+            self.backend.release(seq.seq_id)  # a backend may have taken a slot before it failed
+            if seq in self._running:
+                self._running.remove(seq)
+            self._by_request.pop(seq.request.request_id, None)
+
+    def _fail_unstarted(self, seq: _Sequence, exc: Exception) -> None:
+        logger.error("request %s failed in prefill: %s: %s", seq.request.request_id, type(exc).__name__, exc)
+        seq.finished = True
+        error = f"model step failed: {type(exc).__name__}: {exc}"
+        self._outbox.append(
+            (seq.request.request_id, Update("", len(seq.output_ids), -1, "error", None, error))
+        )
 
     def _prefill(self, admitted: list[_Sequence]) -> None:
         logits = self.backend.prefill([s.seq_id for s in admitted], [s.request.prompt_ids for s in admitted])
