@@ -87,6 +87,11 @@ class Launch:
     def stderr(self) -> str:
         return "".join(self.err)
 
+    def port(self) -> int:
+        """The engine's port, from the plan the run recorded."""
+        plan = json.loads((self.run_dir / "plan.json").read_text())
+        return int(plan["probe"]["base_url"].rsplit(":", 1)[1])
+
     # -- waiting and signalling ----------------------------------------------------------------------------
     def wait_for(self, what: str, condition: Callable[[], object], timeout: float = 300.0) -> None:
         deadline = time.monotonic() + timeout
@@ -106,6 +111,17 @@ class Launch:
 
     def signal(self, sig: signal.Signals) -> None:
         self.proc.send_signal(sig)
+
+    def stopped_by(self, sig: signal.Signals, timeout: float = 120.0) -> dict[str, Any]:
+        """Send `sig` and wait for the exit; the run's summary, once the exit status and the summary have
+        both been checked to say that `sig` interrupted it."""
+        self.signal(sig)
+        code = self.finish(timeout)
+        assert code == 128 + sig, self.stderr()[-3000:]
+        summary = self.summary()
+        assert summary is not None
+        assert (summary["status"], summary["signal"], summary["exit_code"]) == ("interrupted", sig.name, code)
+        return summary
 
     def finish(self, timeout: float = 300.0) -> int:
         try:

@@ -28,11 +28,6 @@ TWO_TIMED_LEVELS = ("benchmark=online", "benchmark.input_len=32", "benchmark.out
 EXIT_FOR = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
 
 
-def port_of(launch: Launch, run_dir: Path | None = None) -> int:
-    plan = json.loads(((run_dir or launch.run_dir) / "plan.json").read_text())
-    return int(plan["probe"]["base_url"].rsplit(":", 1)[1])
-
-
 def level(summary: dict, label: str) -> dict:
     return next(lvl for lvl in summary["benchmark"]["levels"] if lvl["label"] == label)
 
@@ -42,12 +37,7 @@ def test_a_stop_signal_during_a_load_level_stops_the_run(tmp_path: Path, sig: si
     with Launch(tmp_path, *LIGHTWEIGHT, *LONG_LEVEL, "benchmark.concurrency=[4]", "engine.port=0") as launch:
         launch.wait_for_phase("benchmark")
         time.sleep(1.0)
-        launch.signal(sig)
-        code = launch.finish(120)
-    assert code == EXIT_FOR[sig], launch.stderr()[-3000:]
-    summary = launch.summary()
-    assert summary is not None
-    assert summary["status"] == "interrupted" and summary["signal"] == sig.name
+        summary = launch.stopped_by(sig)
     assert summary["phase"] == "benchmark" and summary["exit_code"] == EXIT_FOR[sig]
     c4 = level(summary, "c4")
     assert c4["complete"] is False and c4["cut_short"] == f"interrupted by {sig.name}"
@@ -58,21 +48,16 @@ def test_a_stop_signal_during_a_load_level_stops_the_run(tmp_path: Path, sig: si
     lines = (launch.run_dir / "bench-c4" / "requests.jsonl").read_text().splitlines()
     assert len(lines) == c4["completed"] + c4["failed"]
     assert f"interrupted by {sig.name}" in launch.stderr()
-    launch.assert_nothing_left(port_of(launch))
+    launch.assert_nothing_left(launch.port())
 
 
 def test_sigterm_during_the_warm_up_stops_the_run(tmp_path: Path) -> None:
     warm_up_only = ("benchmark.warmup_requests=3000", "benchmark.num_prompts=4", "benchmark.concurrency=[4]")
     with Launch(tmp_path, *LIGHTWEIGHT, *LONG_LEVEL, *warm_up_only, "engine.port=0") as launch:
         launch.wait_for_phase("warm-up")
-        launch.signal(signal.SIGTERM)
-        code = launch.finish(120)
-    assert code == 143, launch.stderr()[-3000:]
-    summary = launch.summary()
-    assert summary is not None
-    assert (summary["status"], summary["phase"], summary["signal"]) == ("interrupted", "warm-up", "SIGTERM")
-    assert summary["benchmark"]["levels"] == []
-    launch.assert_nothing_left(port_of(launch))
+        summary = launch.stopped_by(signal.SIGTERM)
+    assert summary["phase"] == "warm-up" and summary["benchmark"]["levels"] == []
+    launch.assert_nothing_left(launch.port())
 
 
 def test_a_signal_during_teardown_is_reported_as_interrupted(tmp_path: Path) -> None:
@@ -80,16 +65,12 @@ def test_a_signal_during_teardown_is_reported_as_interrupted(tmp_path: Path) -> 
     agree (interrupted, in teardown), and every level is there, complete."""
     with Launch(tmp_path, *LIGHTWEIGHT, "benchmark.concurrency=[1,4]", "engine.port=0") as launch:
         launch.wait_for_stderr("stopping lightweight")
-        launch.signal(signal.SIGTERM)
-        code = launch.finish(120)
-    assert code == 143, launch.stderr()[-3000:]
-    summary = launch.summary()
-    assert summary is not None
-    assert (summary["status"], summary["phase"], summary["signal"]) == ("interrupted", "teardown", "SIGTERM")
+        summary = launch.stopped_by(signal.SIGTERM)
+    assert summary["phase"] == "teardown"
     levels = summary["benchmark"]["levels"]
     assert [lvl["complete"] for lvl in levels] == [True, True]
     assert all(lvl["output_throughput"] > 0 for lvl in levels)
-    launch.assert_nothing_left(port_of(launch))
+    launch.assert_nothing_left(launch.port())
 
 
 def test_the_engine_dying_in_the_last_level_fails_the_run(tmp_path: Path) -> None:
@@ -111,7 +92,7 @@ def test_the_engine_dying_in_the_last_level_fails_the_run(tmp_path: Path) -> Non
     assert c4["output_throughput"] is None and c4["failed"] > 0
     assert "failed during load level c4" in summary["error"]
     assert "failed during load level c4" in launch.stderr()
-    launch.assert_nothing_left(port_of(launch))
+    launch.assert_nothing_left(launch.port())
 
 
 def test_a_killed_launcher_keeps_the_finished_levels_and_leaves_nothing(tmp_path: Path) -> None:
@@ -127,7 +108,7 @@ def test_a_killed_launcher_keeps_the_finished_levels_and_leaves_nothing(tmp_path
     assert summary is not None
     assert summary["status"] == "running" and summary["launcher_pid"] == launch.proc.pid
     assert level(summary, "c1")["complete"] is True
-    launch.assert_nothing_left(port_of(launch), timeout=40)
+    launch.assert_nothing_left(launch.port(), timeout=40)
     assert "the launcher died without stopping the engine" in (launch.run_dir / "server.log").read_text()
 
 
