@@ -56,11 +56,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     started = time.monotonic()
     signalled, killed = proctree.stop_all(root, args.mark, args.grace, known=known)
-    _note(
-        args.log,
-        f"the launcher died without stopping the engine: stopped {signalled} processes "
-        f"({killed} needed SIGKILL) in {time.monotonic() - started:.1f} s",
-    )
+    if signalled:
+        _note(
+            args.log,
+            f"the launcher died without stopping the engine: stopped {signalled} processes "
+            f"({killed} needed SIGKILL) in {time.monotonic() - started:.1f} s",
+        )
     return 0
 
 

@@ -233,6 +233,7 @@ class ServerProcess:
         """TERM the group, every descendant and every marked process, wait the grace period, then KILL.
         Idempotent."""
         if self.proc is None:
+            self._release_guardian()  # the engine never started
             return
         with _signals_deferred():
             proc = self.proc

@@ -74,3 +74,26 @@ def test_an_engine_that_exits_while_its_children_hold_its_output_is_noticed_at_o
     assert noticed_after < 2.5, f"the exit was noticed after {noticed_after:.1f} s"
     assert "giving up" in raised.value.log_tail
     assert wait_no_processes(f"{MARK_KEY}={mark}", timeout=10) == []
+
+
+def test_an_engine_that_cannot_start_leaves_no_guardian(tmp_path: Path) -> None:
+    import psutil
+
+    plan = plan_of("", uuid.uuid4().hex)
+    plan = LaunchPlan("missing", ("/nonexistent/python",), plan.env, plan.probe, shutdown_grace_s=1.0)
+    proc = ServerProcess(plan, tmp_path / "server.log")
+    with pytest.raises(FileNotFoundError), proc:
+        pytest.fail("the body must not run")
+
+    def guardians() -> list[int]:
+        found = []
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            if proc.mark in " ".join(p.info["cmdline"] or []):
+                found.append(p.pid)
+        return found
+
+    deadline = time.monotonic() + 10
+    while guardians() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert guardians() == []
+    assert not (tmp_path / "server.log").exists() or "guardian" not in (tmp_path / "server.log").read_text()
