@@ -237,6 +237,9 @@ class ServerProcess:
             return
         with _signals_deferred():
             proc = self.proc
+            # What an engine says while it is being stopped (vLLM: EngineDeadError tracebacks) is no
+            # problem of the run's: it goes to the log only.
+            self.echo = None
             if proc.poll() is None or proctree.engine_members(proc.pid, self.mark):
                 logger.info("stopping %s (pid %d)", self.plan.engine, proc.pid)
             signalled, killed = proctree.stop_all(
