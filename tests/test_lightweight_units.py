@@ -270,9 +270,9 @@ def test_an_output_cut_inside_a_character_ends_without_a_replacement_character(t
 
 
 def test_a_prefill_that_fails_fails_only_its_own_request(tokenizer) -> None:
-    """Three requests admitted together; the model cannot take one of them. The packed prefill fails, so
-    they are prefilled one by one: that one fails with its reason, its KV state is released, and the
-    other two are served."""
+    """Four requests admitted together; one cannot be set up (its seed), the model cannot take another.
+    The first fails as it is admitted; the packed prefill fails, so the rest are prefilled one by one: the
+    bad one fails with its reason, its KV state is released, and the other two are served."""
     import torch
 
     from llmstack.workers.detokenizer import decoders_for
@@ -314,17 +314,23 @@ def test_a_prefill_that_fails_fails_only_its_own_request(tokenizer) -> None:
             updates.setdefault(request_id, []).append(update)
 
     scheduler = Scheduler(backend, decoders_for(tokenizer), [2], publish=publish)  # type: ignore[arg-type]
-    for name, prompt in (("a", [1, 7]), ("bad", [1, poison]), ("b", [1, 8])):
-        scheduler.submit(GenerationRequest(name, prompt, SamplingParams(max_tokens=3, temperature=0.0)))
+    greedy = SamplingParams(max_tokens=3, temperature=0.0)
+    # A seed torch's generator refuses: that request fails as it is admitted, before the others' prefill.
+    unseedable = SamplingParams(max_tokens=3, temperature=1.0, seed=-(2**63) - 1)
+    jobs = (("a", [1, 7], greedy), ("unseedable", [1, 7], unseedable), ("bad", [1, poison], greedy),
+            ("b", [1, 8], greedy))  # fmt: skip
+    for name, prompt, params in jobs:
+        scheduler.submit(GenerationRequest(name, prompt, params))
     thread = scheduler.start()
     deadline = time.monotonic() + 10
-    while len([u for us in updates.values() for u in us if u.finish_reason]) < 3:
+    while len([u for us in updates.values() for u in us if u.finish_reason]) < len(jobs):
         assert time.monotonic() < deadline, updates
         time.sleep(0.01)
     scheduler.stop()
     thread.join(5)
     finals = {name: us[-1] for name, us in updates.items()}
     assert finals["bad"].finish_reason == "error" and "IndexError" in finals["bad"].error
+    assert finals["unseedable"].finish_reason == "error" and "Overflow" in finals["unseedable"].error
     assert finals["a"].finish_reason == finals["b"].finish_reason == "length"
     assert finals["a"].completion_tokens == finals["b"].completion_tokens == 3
     assert backend.live == set(), "a sequence kept its KV state"

@@ -165,6 +165,7 @@ class Scheduler:
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
                 continue
+            admitted: list[_Sequence] = []
             try:
                 admitted = self._admit()
                 if admitted:
@@ -174,11 +175,8 @@ class Scheduler:
                     self._decode_step()
                     self._flush()
                 self.steps += 1
-            except Exception as exc:  # the model failed: fail what was in flight, keep serving
-                logger.exception("model step failed; failing %d running requests", len(self._running))
-                for seq in list(self._running):
-                    self._finish(seq, "error", error=f"model step failed: {type(exc).__name__}: {exc}")
-                self._flush()
+            except Exception as exc:  # a decode step concerns every running sequence: they all fail
+                self._fail_step(exc, admitted)
         for seq in list(self._running):
             self._finish(seq, "abort", error="the server is shutting down")
         self._flush()
@@ -202,30 +200,34 @@ class Scheduler:
         admitted: list[_Sequence] = []
         while self._waiting and len(self._running) + len(admitted) < self.max_batch_size:
             request = self._waiting.popleft()
-            params = request.params
-            eos = frozenset() if params.ignore_eos else self._eos_ids
-            output_ids: list[int] = []
-            seq = _Sequence(
-                seq_id=next(self._seq_ids),
-                request=request,
-                # EOS is masked under min_tokens only where it would end the sequence.
-                row=SamplerRow(params, request.prompt_ids, output_ids, eos),
-                detokenizer=IncrementalDetokenizer(
-                    self._decoders[params.skip_special_tokens], request.prompt_ids
-                )
-                if text_needed_beside_model(params) or not self._text_for_stops_only
-                else None,
-                stops=StopChecker(params.stop),
-                eos_ids=eos,
-                output_ids=output_ids,
-                end_ids=eos | frozenset(params.stop_token_ids),
-                has_stops=bool(params.stop),
-                length_limit=min(params.max_tokens, self.max_model_len - len(request.prompt_ids)),
-            )
-            if not params.greedy:
-                seq.row.generator = make_generator(params.seed, self.backend.device)
-            admitted.append(seq)
+            try:
+                admitted.append(self._sequence_of(request))
+            except Exception as exc:  # what it asks for cannot be set up (a seed torch refuses): it fails
+                self._fail_alone(request.request_id, "admission", exc)
         return admitted
+
+    def _sequence_of(self, request: GenerationRequest) -> _Sequence:
+        params = request.params
+        eos = frozenset() if params.ignore_eos else self._eos_ids
+        output_ids: list[int] = []
+        seq = _Sequence(
+            seq_id=next(self._seq_ids),
+            request=request,
+            # EOS is masked under min_tokens only where it would end the sequence.
+            row=SamplerRow(params, request.prompt_ids, output_ids, eos),
+            detokenizer=IncrementalDetokenizer(self._decoders[params.skip_special_tokens], request.prompt_ids)
+            if text_needed_beside_model(params) or not self._text_for_stops_only
+            else None,
+            stops=StopChecker(params.stop),
+            eos_ids=eos,
+            output_ids=output_ids,
+            end_ids=eos | frozenset(params.stop_token_ids),
+            has_stops=bool(params.stop),
+            length_limit=min(params.max_tokens, self.max_model_len - len(request.prompt_ids)),
+        )
+        if not params.greedy:
+            seq.row.generator = make_generator(params.seed, self.backend.device)
+        return seq
 
     def _prefill_isolating(self, admitted: list[_Sequence]) -> None:
         """Prefill the admitted sequences together; if that fails, one by one, so that a request the model
@@ -234,7 +236,8 @@ class Scheduler:
             self._prefill(admitted)
             return
         except Exception as exc:
-            self._undo_prefill(admitted)
+            for seq in admitted:
+                self.backend.release(seq.seq_id)  # a backend may have taken a slot before it failed
             if len(admitted) == 1:
                 self._fail_unstarted(admitted[0], exc)
                 return
@@ -244,39 +247,56 @@ class Scheduler:
             try:
                 self._prefill([seq])
             except Exception as exc:
-                self._undo_prefill([seq])
                 self._fail_unstarted(seq, exc)
 
-    def _undo_prefill(self, seqs: list[_Sequence]) -> None:
-        for seq in seqs:
-            self.backend.release(seq.seq_id)  # a backend may have taken a slot before it failed
-            if seq in self._running:
-                self._running.remove(seq)
-            self._by_request.pop(seq.request.request_id, None)
-
     def _fail_unstarted(self, seq: _Sequence, exc: Exception) -> None:
-        logger.error("request %s failed in prefill: %s: %s", seq.request.request_id, type(exc).__name__, exc)
+        """An admitted sequence that never ran fails, and whatever slot the backend gave it is freed."""
         seq.finished = True
+        try:
+            self.backend.release(seq.seq_id)
+        except Exception:  # the backend is broken: the request must still get its answer
+            logger.exception("releasing request %s's KV state failed", seq.request.request_id)
+        self._fail_alone(seq.request.request_id, "prefill", exc)
+
+    def _fail_alone(self, request_id: str, stage: str, exc: Exception) -> None:
+        """One request that generated nothing fails with the reason; the loop serves the others."""
+        logger.error("request %s failed in %s: %s: %s", request_id, stage, type(exc).__name__, exc)
         error = f"model step failed: {type(exc).__name__}: {exc}"
-        self._outbox.append(
-            (seq.request.request_id, Update("", len(seq.output_ids), -1, "error", None, error))
-        )
+        self._outbox.append((request_id, Update("", 0, -1, "error", None, error)))
+
+    def _fail_step(self, exc: Exception, admitted: list[_Sequence]) -> None:
+        """A step failed where no one request can be blamed: every sequence it concerned fails (the running
+        ones, and the admitted ones it had not started), and their KV state is freed."""
+        logger.exception("model step failed; failing %d running requests", len(self._running))
+        for seq in list(self._running):
+            self._finish(seq, "error", error=f"model step failed: {type(exc).__name__}: {exc}")
+        for seq in admitted:
+            if not seq.finished:
+                self._fail_unstarted(seq, exc)
+        self._flush()
 
     def _prefill(self, admitted: list[_Sequence]) -> None:
         logits = self.backend.prefill([s.seq_id for s in admitted], [s.request.prompt_ids for s in admitted])
+        tokens = sample(logits, [s.row for s in admitted])
+        # Only now, with a token for each, do they run: a prefill that failed left the loop's state as it was.
         for seq in admitted:
             self._running.append(seq)
             self._by_request[seq.request.request_id] = seq
-        tokens = sample(logits, [s.row for s in admitted])
-        for seq, token in zip(admitted, tokens, strict=True):
-            self._accept(seq, token)
+        self._accept_each(admitted, tokens)
 
     def _decode_step(self) -> None:
         running = self._running
         logits = self.backend.decode([s.seq_id for s in running], [s.next_token for s in running])
         tokens = sample(logits, [s.row for s in running])
-        for seq, token in zip(list(running), tokens, strict=True):
-            self._accept(seq, token)
+        self._accept_each(list(running), tokens)
+
+    def _accept_each(self, seqs: list[_Sequence], tokens: list[int]) -> None:
+        for seq, token in zip(seqs, tokens, strict=True):
+            try:
+                self._accept(seq, token)
+            except Exception as exc:  # its text or stop checks failed: that is its own, it alone fails
+                logger.exception("request %s failed on token %d", seq.request.request_id, token)
+                self._finish(seq, "error", error=f"model step failed: {type(exc).__name__}: {exc}")
 
     def _accept(self, seq: _Sequence, token: int) -> None:
         """Record one generated token; emit its text; finish the sequence if a stop condition holds."""
