@@ -186,9 +186,9 @@ class Worker:
             code="request_too_large",
         )
 
-    async def off_loop(self, size: int, work: Callable[..., Any], *args: Any) -> Any:
-        """`work(*args)`, in the CPU pool when `size` (characters) is large, inline when it is small."""
-        if size < INLINE_CHARS:
+    async def off_loop(self, inline: bool, work: Callable[..., Any], *args: Any) -> Any:
+        """`work(*args)`: inline where it is known to be cheap, else in the CPU pool."""
+        if inline:
             return work(*args)
         return await asyncio.get_running_loop().run_in_executor(self._cpu, work, *args)
 
@@ -221,7 +221,7 @@ class Worker:
             if not prompt:
                 raise ApiError(400, "The prompt is empty.", param="prompt")
             self.check_prompt_chars(len(prompt), "prompt")
-            return await self.off_loop(len(prompt), self._tokenize, prompt, True)
+            return await self.off_loop(len(prompt) < INLINE_CHARS, self._tokenize, prompt, True)
         if not prompt:
             raise ApiError(400, "The prompt is empty.", param="prompt")
         if all(isinstance(p, int) for p in prompt):
@@ -266,7 +266,9 @@ class Worker:
         kwargs = {k: v for k, v in (req.chat_template_kwargs or {}).items() if k not in TEMPLATE_KEYS}
         if template is not None:
             kwargs["chat_template"] = template
-        return await self.off_loop(chars, self._apply_template, messages, req.add_generation_prompt, kwargs)
+        # The model's template costs in proportion to the conversation; one a request brings, anything.
+        inline = template is None and chars < INLINE_CHARS
+        return await self.off_loop(inline, self._apply_template, messages, req.add_generation_prompt, kwargs)
 
     def _request_template(self, req: ChatCompletionRequest) -> str | None:
         """A chat template the request brings: arbitrary code, run only where the server trusts it."""
