@@ -694,7 +694,9 @@ def build_app(
         prompt_ids = await worker.encode_prompt(req.inputs)
         # ipex-llm's semantics: greedy unless do_sample; its OpenAI routes set do_sample = temperature > 1e-4.
         sampled = p.do_sample if p.do_sample is not None else (p.temperature or 0.0) > 1e-4
-        fields = SamplingFields(
+        fields = _validated(
+            SamplingFields,
+            "parameters",
             temperature=(p.temperature if p.temperature is not None else 1.0) if sampled else 0.0,
             top_p=p.top_p,
             top_k=p.top_k,
@@ -730,6 +732,16 @@ def _parse(model: Any, body: bytes) -> Any:
         return model.model_validate_json(body)
     except ValidationError as exc:
         raise ApiError(400, _validation_message(exc.errors())) from exc
+
+
+def _validated(model: Any, where: str, **values: Any) -> Any:
+    """`model(**values)` from what a request sent under `where`: values that its bounds refuse are the
+    client's mistake (400), as if they had been parsed from the body."""
+    try:
+        return model(**values)
+    except ValidationError as exc:
+        errors = [{**error, "loc": (where, *error.get("loc", ()))} for error in exc.errors()]
+        raise ApiError(400, _validation_message(errors)) from exc
 
 
 def _validation_message(errors: Any) -> str:
