@@ -476,6 +476,57 @@ def test_the_server_process_makes_the_text_of_requests_without_stop_strings(toke
     asyncio.run(main())
 
 
+def test_a_token_the_server_process_cannot_decode_fails_only_its_request(tokenizer) -> None:
+    """One iteration's updates for two requests; making the text of one of them raises. That request ends
+    with the error and the model loop is told to drop it; the other gets its text."""
+    import asyncio
+
+    from llmstack.workers.backends.base import BackendInfo
+    from llmstack.workers.engine_client import EngineClient, EngineFacts
+    from llmstack.workers.scheduler import Update
+
+    poison = 999
+    aborted: list[str] = []
+
+    class Client(EngineClient):
+        def alive(self) -> bool:
+            return True
+
+        def _send(self, request) -> None:
+            pass
+
+        def _send_abort(self, request_id: str) -> None:
+            aborted.append(request_id)
+
+    def failing_on_poison(decode):
+        def decode_or_fail(ids: list[int]) -> str:
+            if poison in ids:
+                raise ValueError("undecodable")
+            return decode(ids)
+
+        return decode_or_fail
+
+    decoders = {skip: failing_on_poison(decode) for skip, decode in decoders_for(tokenizer).items()}
+    facts = EngineFacts(
+        4, 64, [2], BackendInfo("transformers", "fused", "cpu", "float32", None, "llama"), 1024
+    )
+
+    async def main() -> None:
+        client = Client(facts, max_waiting_requests=4, metrics=WorkerMetrics("tiny"), decoders=decoders)
+        client._loop = asyncio.get_running_loop()
+        bad, bad_stream = client.submit([1, 7], SamplingParams(8), "cmpl")
+        good, good_stream = client.submit([1, 7], SamplingParams(8), "cmpl")
+        word = tokenizer(" hello", add_special_tokens=False)["input_ids"]
+        client._dispatch([(bad, Update("", 1, poison)), *((good, Update("", 1, t)) for t in word)], 2, 0)
+        (failed,) = await bad_stream.next_batch()
+        assert failed.finish_reason == "error" and "undecodable" in failed.error
+        assert aborted == [bad]
+        assert "".join(u.text for u in await good_stream.next_batch()) == " hello"
+        assert client.snapshot()["open_requests"] == 1
+
+    asyncio.run(main())
+
+
 def test_auto_model_impl_picks_the_cuda_graph_decoder_on_cuda_only() -> None:
     pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM

@@ -150,9 +150,12 @@ class EngineClient:
             if update.token_id >= 0:
                 detokenizer = stream.detokenizer
                 if detokenizer is not None:
-                    # As the scheduler would: the token's text, and at the end whatever was held back.
-                    text = detokenizer.push(update.token_id)
-                    update.text = text + detokenizer.flush() if update.finish_reason is not None else text
+                    try:
+                        # As the scheduler would: the token's text, and at the end whatever was held back.
+                        text = detokenizer.push(update.token_id)
+                        update.text = text + detokenizer.flush() if update.finish_reason is not None else text
+                    except Exception as exc:  # that request's text alone: it fails, the others go on
+                        update = self._failed_here(request_id, update, exc)
                 metrics.generation_tokens += 1
                 if stream.first_token_at is None:
                     stream.first_token_at = now
@@ -162,6 +165,15 @@ class EngineClient:
                 metrics.finished[update.finish_reason] = metrics.finished.get(update.finish_reason, 0) + 1
                 metrics.e2e.observe(now - stream.arrival)
             stream.put(update)
+
+    def _failed_here(self, request_id: str, update: Update, exc: Exception) -> Update:
+        """The final update of a request whose update this process could not handle; the model loop is
+        told to drop it (its KV slot), unless it was finishing anyway."""
+        logger.exception("request %s failed in the server process", request_id)
+        if update.finish_reason is None:
+            self._send_abort(request_id)
+        error = f"the server failed on the model's output: {type(exc).__name__}: {exc}"
+        return Update("", update.completion_tokens, update.token_id, "error", None, error)
 
     def _fail_all(self, message: str) -> None:
         for request_id, stream in list(self._streams.items()):
