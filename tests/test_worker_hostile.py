@@ -67,8 +67,12 @@ fused.FusedDecoderBackend.prefill = prefill
 def poisoned(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
     site = tmp_path_factory.mktemp("poison")
     (site / "sitecustomize.py").write_text(POISONED_PREFILL)
+    from llmstack.engines.base import source_first_pythonpath
+
+    # extra_env replaces the PYTHONPATH the engine's plan sets: keep the checkout first on it.
+    pythonpath = source_first_pythonpath(str(site))
     yield from start_worker(
-        tmp_path_factory, "engine.model_impl=fused", f"+engine.extra_env.PYTHONPATH={site}"
+        tmp_path_factory, "engine.model_impl=fused", f"+engine.extra_env.PYTHONPATH={pythonpath}"
     )
 
 
