@@ -1,12 +1,13 @@
 """Soak: many concurrent streaming clients against the lightweight worker for a long time, tiny model, CPU.
 
-What it checks (issue 11): zero failed requests, and memory that stays flat. The worker is started through
-llmstack's supervisor from the composed config (`engine=lightweight device=cpu`); --clients closed-loop
-clients (each on its own keep-alive connection, llmstack's load generator) send streamed completions with
-usage (random prompts of --input-len tokens, --output-len output tokens, ignore_eos) for --duration
-seconds. Every --sample-s seconds the resident memory of the worker's processes (the HTTP process and the
-model process) is sampled; the slope is a least-squares fit over the samples after the first minute (the
-allocator and caches settle), reported in MiB per minute and as a share of the mean.
+What it checks (issue 11): zero failed requests, /health answering 200 throughout, and memory that stays
+flat. The worker is started through llmstack's supervisor from the composed config (`engine=lightweight
+device=cpu`); --clients closed-loop clients (each on its own keep-alive connection, llmstack's load
+generator) send streamed completions with usage (random prompts of --input-len tokens, --output-len output
+tokens, ignore_eos) for --duration seconds. Every --sample-s seconds the resident memory of the worker's
+processes (the HTTP process and the model process) is sampled and /health is asked; the slope is a
+least-squares fit over the samples after the first minute (the allocator and caches settle), reported in
+MiB per minute and as a share of the mean.
 
     .venv/bin/python benchmarks/soak_lightweight.py                       # 256 clients, 10 minutes
     .venv/bin/python benchmarks/soak_lightweight.py --clients 64 --duration 60
@@ -48,6 +49,18 @@ def tree_rss(pid: int) -> int:
     return total
 
 
+def health(base_url: str) -> tuple[int, float]:
+    """/health's status (0: no answer) and how long it took."""
+    import httpx
+
+    started = time.monotonic()
+    try:
+        status = httpx.get(base_url + "/health", timeout=30).status_code
+    except httpx.HTTPError:
+        status = 0
+    return status, time.monotonic() - started
+
+
 def slope_per_minute(samples: list[tuple[float, int]]) -> float:
     """Least-squares slope of (seconds, bytes), in bytes per minute."""
     if len(samples) < 2:
@@ -72,6 +85,7 @@ def main() -> int:
     model = ensure_tiny_model()
     bodies = payloads(model, 512, args.input_len, args.output_len, seed=0)
     samples: list[tuple[float, int]] = []
+    checks: list[tuple[int, float]] = []
     extra = ["engine.torch_threads=1"]
     with serving("lightweight", extra, args.log_dir) as base_url:
         import psutil
@@ -86,6 +100,7 @@ def main() -> int:
         def sample() -> None:
             while not stop.wait(args.sample_s):
                 samples.append((time.monotonic() - started, tree_rss(worker_pid)))
+                checks.append(health(base_url))
 
         samples.append((0.0, tree_rss(worker_pid)))
         sampler = threading.Thread(target=sample, daemon=True)
@@ -114,6 +129,10 @@ def main() -> int:
         for r in failed:
             errors[r.error or "unknown"] = errors.get(r.error or "unknown", 0) + 1
         print(f"errors: {errors}")
+    unhealthy = [status for status, _ in checks if status != 200]
+    statuses = f" {unhealthy}" if unhealthy else ""
+    print(f"/health during the load: {len(checks)} checks, {len(unhealthy)} not 200{statuses}, "
+          f"slowest {max((t for _, t in checks), default=0.0):.3f} s")  # fmt: skip
     mib = 1024 * 1024
     print("RSS of the worker (HTTP + model process), MiB: "
           + ", ".join(f"{t:.0f}s {rss / mib:.1f}" for t, rss in samples))  # fmt: skip
@@ -124,7 +143,7 @@ def main() -> int:
           f"min {min(r for _, r in settled) / mib:.1f}, max {max(r for _, r in settled) / mib:.1f}; "
           f"slope {slope / mib:+.3f} MiB/min ({100 * slope / mean if mean else 0:+.3f} % of the mean per "
           "minute)" if settled else "RSS: run longer than a minute for a slope")  # fmt: skip
-    return 0 if not failed and not wrong_lengths else 1
+    return 0 if not failed and not wrong_lengths and not unhealthy else 1
 
 
 if __name__ == "__main__":
