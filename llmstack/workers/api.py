@@ -56,8 +56,9 @@ logger = logging.getLogger(__name__)
 
 # OpenAI's max_tokens when a completions request gives none.
 COMPLETIONS_MAX_TOKENS = 16
-# Prompts and conversations shorter than this are templated and tokenized inline: well under a
-# millisecond, less than handing them to a thread. Longer ones go to the CPU pool.
+# Prompts shorter than this (characters) and chat requests shorter than this (body bytes) are templated and
+# tokenized inline: well under a millisecond, less than handing them to a thread. Longer ones go to the
+# CPU pool.
 INLINE_CHARS = 4096
 # Seeds as vLLM takes them (a torch.long).
 SEED_RANGE = (-(2**63), 2**63 - 1)
@@ -224,9 +225,12 @@ class Worker:
             return await self.off_loop(len(prompt) < INLINE_CHARS, self._tokenize, prompt, True)
         if not prompt:
             raise ApiError(400, "The prompt is empty.", param="prompt")
-        if all(isinstance(p, int) for p in prompt):
+        if isinstance(prompt[0], int):  # the body's validation made the list all of one type
             ids = list(prompt)  # type: ignore[arg-type]
-            self.check_token_ids(ids, "prompt")
+            # One too long for the context is refused for its length (sampling_params): no need to look
+            # at each of its (up to millions of) ids on the event loop.
+            if len(ids) < self.max_model_len:
+                self.check_token_ids(ids, "prompt")
             return ids
         if len(prompt) == 1:
             return await self.encode_prompt(prompt[0])
@@ -239,7 +243,7 @@ class Worker:
     def _tokenize(self, text: str, special: bool) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
-    async def encode_chat(self, req: ChatCompletionRequest) -> list[int]:
+    async def encode_chat(self, req: ChatCompletionRequest, body_bytes: int) -> list[int]:
         template = self._request_template(req)
         if template is None and getattr(self.tokenizer, "chat_template", None) is None:
             raise ApiError(400, "The model has no chat template; use /v1/completions.", param="messages")
@@ -266,8 +270,9 @@ class Worker:
         kwargs = {k: v for k, v in (req.chat_template_kwargs or {}).items() if k not in TEMPLATE_KEYS}
         if template is not None:
             kwargs["chat_template"] = template
-        # The model's template costs in proportion to the conversation; one a request brings, anything.
-        inline = template is None and chars < INLINE_CHARS
+        # The model's template costs in proportion to what the request sent (messages, their other fields,
+        # chat_template_kwargs); one a request brings, anything.
+        inline = template is None and body_bytes < INLINE_CHARS
         return await self.off_loop(inline, self._apply_template, messages, req.add_generation_prompt, kwargs)
 
     def _request_template(self, req: ChatCompletionRequest) -> str | None:
@@ -676,12 +681,13 @@ def build_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         worker.check_auth(request)
-        req = _parse(ChatCompletionRequest, await worker.read_body(request))
+        body = await worker.read_body(request)
+        req = _parse(ChatCompletionRequest, body)
         worker.check_model(req.model)
         if req.top_logprobs:
             raise ApiError(400, "logprobs are not supported.", param="top_logprobs")
         limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        return await respond(req, await worker.encode_chat(req), limit, chat=True)
+        return await respond(req, await worker.encode_chat(req, len(body)), limit, chat=True)
 
     async def generate_common(request: Request, force_stream: bool) -> Response:
         worker.check_auth(request)
