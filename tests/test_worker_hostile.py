@@ -171,7 +171,9 @@ def test_a_huge_prompt_is_refused_before_it_is_tokenized_and_health_stays_prompt
     with health_latencies(server) as latencies:
         response = completion(server, prompt="word " * 2_000_000)  # 10 MB of text
     assert response.status_code == 400 and "characters" in error_of(response)
-    assert max(latencies) < 1.0, f"/health took {max(latencies):.2f} s while the prompt was handled"
+    # Only parsing the body holds the loop (a fraction of a second, more on a loaded box); tokenizing the
+    # prompt there took about 10 s.
+    assert max(latencies) < 3.0, f"/health took {max(latencies):.2f} s while the prompt was handled"
     assert_serving(server)
 
 
@@ -179,7 +181,7 @@ def test_a_huge_list_of_token_ids_is_refused_and_health_stays_prompt(server: Wor
     with health_latencies(server) as latencies:
         response = completion(server, prompt=[5] * 3_000_000)  # 9 MB of JSON
     assert response.status_code == 400 and "context" in error_of(response)
-    assert max(latencies) < 1.0, f"/health took {max(latencies):.2f} s while the prompt was handled"
+    assert max(latencies) < 3.0, f"/health took {max(latencies):.2f} s while the prompt was handled"
     assert_serving(server)
 
 
