@@ -157,13 +157,23 @@ def test_timed_loop_stops_early_when_told() -> None:
         start = time.monotonic()
         result = run_for_duration_sync(
             server.url, [{"prompt": "x"}], endpoint="/v1/completions", connections=2, duration_s=30,
-            timeout_s=5, should_stop=lambda: time.monotonic() - start > 0.3,
+            timeout_s=5, should_stop=lambda: time.monotonic() - start > 1.0,
         )  # fmt: skip
-    assert result.stopped and time.monotonic() - start < 5
+    assert result.stopped and time.monotonic() - start < 8
     assert result.records, "requests were sent before the stop"
     # Nothing in flight survives the stop: each request completed, or was cancelled and says so.
     assert all(r.success or r.error == CANCELLED for r in result.records)
     assert all(r.done_at is not None for r in result.records)
+
+
+def test_a_timed_loop_told_to_stop_before_it_starts_says_so() -> None:
+    """Stopped by the check before a send (not by the 50 ms watcher): still a stopped run, not a short one."""
+    with instrument() as server:
+        result = run_for_duration_sync(
+            server.url, [{"prompt": "x"}], endpoint="/v1/completions", connections=2, duration_s=30,
+            timeout_s=5, should_stop=lambda: True,
+        )  # fmt: skip
+    assert result.stopped and result.records == []
 
 
 # -- offline_throughput's plan and arithmetic --------------------------------------------------------------

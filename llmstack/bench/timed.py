@@ -64,11 +64,15 @@ async def run_for_duration(
         # Not fatal: each request reconnects when it must and records a failure itself.
         logger.warning("%d of %d connections failed to open: %s", len(errors), connections, errors[0])
     finished = 0
+    told_to_stop = False
 
     async def worker(connection: HttpConnection) -> None:
-        nonlocal finished
-        # Also asked before every send (not only every 50 ms): against a dead server requests fail at once.
-        while perf_counter() < deadline and not (should_stop is not None and should_stop()):
+        nonlocal finished, told_to_stop
+        while perf_counter() < deadline:
+            # Asked before every send too (not only every 50 ms): against a dead server they fail at once.
+            if should_stop is not None and should_stop():
+                told_to_stop = True
+                return
             i = len(records)
             j = i % len(prepared)
             record = RequestRecord(
@@ -88,7 +92,8 @@ async def run_for_duration(
     start = perf_counter()
     deadline = start + duration_s
     try:
-        stopped = await run_until_stopped(asyncio.gather(*(worker(c) for c in pool)), should_stop)
+        cancelled = await run_until_stopped(asyncio.gather(*(worker(c) for c in pool)), should_stop)
+        stopped = cancelled or told_to_stop
         end = perf_counter()
     finally:
         gc.unfreeze()
