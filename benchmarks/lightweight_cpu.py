@@ -41,7 +41,7 @@ from llmstack.config.resolve import resolve, to_run_config  # noqa: E402
 from llmstack.config.validate import validate  # noqa: E402
 from llmstack.engines import get_engine  # noqa: E402
 from llmstack.models.tiny import ensure_tiny_model  # noqa: E402
-from llmstack.supervisor import ServerProcess  # noqa: E402
+from llmstack.serving.supervisor import ServerProcess  # noqa: E402
 from tests.procs import free_port  # noqa: E402
 
 SERVERS = {

@@ -322,10 +322,10 @@ def write_report(path: Path, pythons: list[str], *, quick: bool = True) -> None:
         logger.warning("doctor report not collected for %s", path, exc_info=True)
         return
     from llmstack.errors import ResultsError
-    from llmstack.results.rundir import atomic_write_text
+    from llmstack.results.files import write_text_atomic
 
     try:
-        atomic_write_text(path, text + "\n")
+        write_text_atomic(path, text + "\n")
     except ResultsError as exc:  # a full disk says so once, elsewhere: no traceback here
         logger.warning("doctor report not written: %s", exc)
 

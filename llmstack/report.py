@@ -19,7 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from llmstack.results.rundir import atomic_write_text
+from llmstack.results.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +86,8 @@ def build_report(experiment_dir: Path) -> list[Path]:
     """Write summary.csv, summary.md and the plots into the experiment directory; the paths written."""
     rows = collect_rows(experiment_dir)
     written = [
-        atomic_write_text(experiment_dir / "summary.csv", to_csv(rows)),
-        atomic_write_text(experiment_dir / "summary.md", to_markdown(rows, f"# {experiment_dir.name}\n\n")),
+        write_text_atomic(experiment_dir / "summary.csv", to_csv(rows)),
+        write_text_atomic(experiment_dir / "summary.md", to_markdown(rows, f"# {experiment_dir.name}\n\n")),
     ]
     written += plot(rows, experiment_dir)
     return written
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     deltas = compare(collect_rows(args.experiment), collect_rows(args.compare))
     text = f"# {args.compare.name} vs {args.experiment.name}\n\n" + compare_markdown(deltas)
-    atomic_write_text(args.compare / f"compare-{args.experiment.name}.md", text)
+    write_text_atomic(args.compare / f"compare-{args.experiment.name}.md", text)
     print(text)
     return 0
 

@@ -18,7 +18,7 @@ from llmstack.config.resolve import resolve, to_run_config
 from llmstack.config.schema import RunConfig
 from llmstack.config.validate import validate
 from llmstack.engines import get_engine
-from llmstack.engines.plan import LaunchPlan
+from llmstack.serving.plan import LaunchPlan
 from llmstack.errors import Interrupted, LlmstackError, ResultsError
 from llmstack.results.rundir import RunDir
 
@@ -121,7 +121,7 @@ class Session:
 
     def _run(self) -> None:
         from llmstack.bench.phase import needs_server
-        from llmstack.supervisor import ServerProcess
+        from llmstack.serving.supervisor import ServerProcess
 
         self._enter("model")
         self._prepare_model()

@@ -16,7 +16,7 @@ from llmstack.config.validate import validate
 from llmstack.devices import Inventory
 from llmstack.engines import get_engine
 from llmstack.models.tiny import ensure_tiny_model
-from llmstack.supervisor import ServerProcess
+from llmstack.serving.supervisor import ServerProcess
 from tests.procs import free_port, port_is_free, wait_no_processes
 
 MARK_KEY = "LLMSTACK_TEST_MARK"

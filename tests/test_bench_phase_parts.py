@@ -27,9 +27,9 @@ from llmstack.bench.phases.offline_throughput import (
 from llmstack.bench.phases.online import levels_of
 from llmstack.bench.timed import completed_by, run_for_duration_sync
 from llmstack.config.schema import OnlineBenchmarkConfig
-from llmstack.engines.plan import LaunchPlan, ReadyProbe
+from llmstack.serving.plan import LaunchPlan, ReadyProbe
 from llmstack.errors import BenchmarkError, EngineError
-from llmstack.supervisor import run_to_completion
+from llmstack.serving.supervisor import run_to_completion
 from tests.bench_instrument import instrument
 from tests.procs import sigint_by_default, wait_no_processes
 
@@ -307,8 +307,8 @@ def test_ctrl_c_while_running_to_completion_stops_the_group(tmp_path: Path) -> N
     launcher = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from llmstack.engines.plan import LaunchPlan, ReadyProbe\n"
-        "from llmstack.supervisor import run_to_completion\n"
+        "from llmstack.serving.plan import LaunchPlan, ReadyProbe\n"
+        "from llmstack.serving.supervisor import run_to_completion\n"
         "child = (sys.executable, '-c', 'import time; time.sleep(60)')\n"
         f"env = {{'LLMSTACK_TEST_MARK': '{mark}'}}\n"
         "plan = LaunchPlan('batch', child, env, ReadyProbe('http://x', 'x'), shutdown_grace_s=2.0)\n"
@@ -350,7 +350,7 @@ def test_ctrl_c_while_the_process_is_being_started_still_stops_it(
     """The narrow window of the test above: Ctrl-C after the child's exec, before Popen returns."""
     import signal
 
-    from llmstack.supervisor import ServerProcess
+    from llmstack.serving.supervisor import ServerProcess
 
     real_popen = subprocess.Popen
 
@@ -359,7 +359,7 @@ def test_ctrl_c_while_the_process_is_being_started_still_stops_it(
         signal.raise_signal(signal.SIGINT)  # as if it landed right here
         return child
 
-    monkeypatch.setattr("llmstack.supervisor.subprocess.Popen", popen_then_ctrl_c)
+    monkeypatch.setattr("llmstack.serving.supervisor.subprocess.Popen", popen_then_ctrl_c)
     mark = uuid.uuid4().hex
     child = (sys.executable, "-c", "import time; time.sleep(60)")
     plan = LaunchPlan("batch", child, {"LLMSTACK_TEST_MARK": mark}, ReadyProbe("http://x", "x"),

@@ -13,7 +13,7 @@ from llmstack.cli import CONFIG_DIR
 from llmstack.config.resolve import resolve, to_run_config
 from llmstack.devices import Inventory
 from llmstack.engines import get_engine
-from llmstack.engines.plan import LaunchPlan
+from llmstack.serving.plan import LaunchPlan
 
 # docker/llm/serving/xpu/docker/start-vllm-service.sh (final), with its defaults substituted.
 SEED_COMMAND = """python -m ipex_llm.vllm.xpu.entrypoints.openai.api_server

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from llmstack.engines.plan import LaunchPlan, ReadyProbe
+from llmstack.serving.plan import LaunchPlan, ReadyProbe
 from llmstack.errors import EngineError
-from llmstack.supervisor import ServerProcess
+from llmstack.serving.supervisor import ServerProcess
 from tests.procs import free_port, wait_no_processes
 
 MARK_KEY = "LLMSTACK_TEST_MARK"

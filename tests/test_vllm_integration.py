@@ -25,7 +25,7 @@ from llmstack.config.validate import validate
 from llmstack.devices import Inventory
 from llmstack.engines import get_engine
 from llmstack.models.tiny import ensure_tiny_model
-from llmstack.supervisor import ServerProcess
+from llmstack.serving.supervisor import ServerProcess
 from tests.procs import free_port, port_is_free, sigint_by_default, wait_no_processes
 
 pytestmark = pytest.mark.integration

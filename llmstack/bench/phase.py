@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from llmstack.bench.phases.common import PhaseContext
 from llmstack.config.schema import RunConfig
-from llmstack.engines.plan import LaunchPlan
+from llmstack.serving.plan import LaunchPlan
 from llmstack.results.rundir import RunDir
 
 __all__ = ["PHASES", "PhaseContext", "PreparedPhase", "needs_server", "prepare_phase"]

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from llmstack.config.schema import LowBitConfig, RunConfig
-from llmstack.engines.plan import LaunchPlan
+from llmstack.serving.plan import LaunchPlan
 from llmstack.errors import ConfigError
 
 # Which environment variable picks the cards an engine sees, per device kind.

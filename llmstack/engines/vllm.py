@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from llmstack.config.schema import LowBitConfig, RunConfig, VllmEngineConfig
 from llmstack.engines.base import DEVICE_SELECTOR_ENV, with_server_defaults
-from llmstack.engines.plan import LaunchPlan, ReadyProbe
+from llmstack.serving.plan import LaunchPlan, ReadyProbe
 from llmstack.errors import ConfigError
 
 FLAVOURS = {

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from llmstack import interrupts
 from llmstack.config.schema import RunConfig
-from llmstack.engines.plan import LaunchPlan
+from llmstack.serving.plan import LaunchPlan
 from llmstack.errors import BenchmarkError, EngineError
 from llmstack.results.rundir import RunDir
 

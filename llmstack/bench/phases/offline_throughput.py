@@ -22,7 +22,7 @@ from typing import Any
 
 from llmstack.bench.phases.common import PhaseContext, load_tokenizer, provenance
 from llmstack.config.schema import OfflineThroughputConfig
-from llmstack.engines.plan import LaunchPlan
+from llmstack.serving.plan import LaunchPlan
 from llmstack.errors import BenchmarkError, EngineError
 
 logger = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ class OfflineThroughputPhase:
         }
 
     def run(self, server: Any | None) -> None:
-        from llmstack.supervisor import run_to_completion
+        from llmstack.serving.supervisor import run_to_completion
 
         ctx, bench = self.ctx, self.bench
         raw_path = ctx.rundir.file("offline-raw.json")

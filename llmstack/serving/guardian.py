@@ -1,12 +1,12 @@
 """The guardian: a small process that stops an engine if the launcher dies without stopping it.
 
-    python -m llmstack.guardian --mark MARK --grace SECONDS --log FILE
+    python -m llmstack.serving.guardian --mark MARK --grace SECONDS --log FILE
 
 The supervisor starts one per engine, in a session of its own (a terminal's Ctrl-C does not reach it), with
 a pipe on its stdin. Over the pipe it learns the engine's main pid (`watch PID`) and, once the supervisor
 has stopped the engine itself, that it may leave (`done`). If the pipe closes without `done`, the launcher
 is gone (SIGKILL, the OOM killer, a crash): the guardian sends SIGTERM to every process of the engine
-(`llmstack.proctree`: its group, its descendants, whatever carries its run mark), waits the grace period,
+(`llmstack.serving.proctree`: its group, its descendants, whatever carries its run mark), waits the grace period,
 then SIGKILL. The kernel's parent-death signal alone is not enough: it is one SIGTERM, which an engine may
 ignore (vLLM's API server does during start-up), and nothing would follow it.
 
@@ -28,7 +28,7 @@ POLL_S = 0.5
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llmstack.guardian")
+    parser = argparse.ArgumentParser(prog="python -m llmstack.serving.guardian")
     parser.add_argument("--mark", required=True)
     parser.add_argument("--grace", type=float, default=15.0)
     parser.add_argument("--log", default=None)
@@ -36,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
 
-    from llmstack import proctree
+    from llmstack.serving import proctree
 
     root: int | None = None
     known: set[proctree.Member] = set()
