@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.lightweight_cpu import payloads, serving  # noqa: E402
-from llmstack.bench.timed import run_for_duration_sync  # noqa: E402
+from llmstack.bench.loadgen import run_load_sync  # noqa: E402
 from llmstack.models.tiny import ensure_tiny_model  # noqa: E402
 
 SETTLE_S = 60.0
@@ -106,11 +106,11 @@ def main() -> int:
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         print(f"soak: {args.clients} streaming clients for {args.duration:.0f} s", flush=True)
-        result = run_for_duration_sync(
+        result = run_load_sync(
             base_url,
             bodies,
             endpoint="/v1/completions",
-            connections=args.clients,
+            concurrency=args.clients,
             duration_s=args.duration,
             timeout_s=300.0,
         )

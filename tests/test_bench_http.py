@@ -22,12 +22,11 @@ from llmstack.bench import http
 from llmstack.bench.http import (
     HttpConnection,
     RawResponse,
-    apply_sse_events,
-    error_text,
     parse_url,
     post_once,
     prepare_request,
 )
+from llmstack.bench.openai import apply_sse_events, error_text
 from llmstack.bench.records import RequestRecord
 
 pytestmark = pytest.mark.timeout(30)

@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from llmstack.bench.http import apply_sse_events
 from llmstack.bench.metrics import request_metrics, summarize
+from llmstack.bench.openai import apply_sse_events
 from llmstack.bench.records import RequestRecord, dump_records, load_records
 from llmstack.bench.report import format_load_level, format_seed_report, format_table
 

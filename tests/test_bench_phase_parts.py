@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from llmstack.bench.images import image_mime_type, image_url
+from llmstack.bench.loadgen import completed_by, run_load_sync
 from llmstack.bench.phases.common import request_payload
 from llmstack.bench.phases.offline_throughput import (
     engine_args,
@@ -25,10 +26,9 @@ from llmstack.bench.phases.offline_throughput import (
     throughput_result,
 )
 from llmstack.bench.phases.online import levels_of
-from llmstack.bench.timed import completed_by, run_for_duration_sync
 from llmstack.config.schema import OnlineBenchmarkConfig
-from llmstack.serving.plan import LaunchPlan, ReadyProbe
 from llmstack.errors import BenchmarkError, EngineError
+from llmstack.serving.plan import LaunchPlan, ReadyProbe
 from llmstack.serving.supervisor import run_to_completion
 from tests.bench_instrument import instrument
 from tests.procs import sigint_by_default, wait_no_processes
@@ -132,9 +132,9 @@ def test_levels_closed_then_open() -> None:
 
 def test_timed_loop_keeps_n_connections_busy_for_the_duration() -> None:
     with instrument(delay_s=0.02) as server:
-        result = run_for_duration_sync(
+        result = run_load_sync(
             server.url, [{"model": "m", "prompt": "a", "max_tokens": 2}, {"model": "m", "prompt": "b",
-            "max_tokens": 3}], endpoint="/v1/completions", connections=3, duration_s=0.6, timeout_s=5,
+            "max_tokens": 3}], endpoint="/v1/completions", concurrency=3, duration_s=0.6, timeout_s=5,
             input_lens=[5, 6],
         )  # fmt: skip
         peers = len(server.peers)
@@ -155,8 +155,8 @@ def test_timed_loop_stops_early_when_told() -> None:
 
     with instrument() as server:
         start = time.monotonic()
-        result = run_for_duration_sync(
-            server.url, [{"prompt": "x"}], endpoint="/v1/completions", connections=2, duration_s=30,
+        result = run_load_sync(
+            server.url, [{"prompt": "x"}], endpoint="/v1/completions", concurrency=2, duration_s=30,
             timeout_s=5, should_stop=lambda: time.monotonic() - start > 1.0,
         )  # fmt: skip
     assert result.stopped and time.monotonic() - start < 8
@@ -169,8 +169,8 @@ def test_timed_loop_stops_early_when_told() -> None:
 def test_a_timed_loop_told_to_stop_before_it_starts_says_so() -> None:
     """Stopped by the check before a send (not by the 50 ms watcher): still a stopped run, not a short one."""
     with instrument() as server:
-        result = run_for_duration_sync(
-            server.url, [{"prompt": "x"}], endpoint="/v1/completions", connections=2, duration_s=30,
+        result = run_load_sync(
+            server.url, [{"prompt": "x"}], endpoint="/v1/completions", concurrency=2, duration_s=30,
             timeout_s=5, should_stop=lambda: True,
         )  # fmt: skip
     assert result.stopped and result.records == []

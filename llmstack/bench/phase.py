@@ -15,8 +15,8 @@ from typing import Any, Protocol
 
 from llmstack.bench.phases.common import PhaseContext
 from llmstack.config.schema import RunConfig
-from llmstack.serving.plan import LaunchPlan
 from llmstack.results.rundir import RunDir
+from llmstack.serving.plan import LaunchPlan
 
 __all__ = ["PHASES", "PhaseContext", "PreparedPhase", "needs_server", "prepare_phase"]
 

@@ -22,8 +22,8 @@ from typing import Any
 
 from llmstack.bench.phases.common import PhaseContext, load_tokenizer, provenance
 from llmstack.config.schema import OfflineThroughputConfig
-from llmstack.serving.plan import LaunchPlan
 from llmstack.errors import BenchmarkError, EngineError
+from llmstack.serving.plan import LaunchPlan
 
 logger = logging.getLogger(__name__)
 

@@ -113,7 +113,6 @@ class OnlinePhase:
 
     def _measure(self, level: Level, endpoint: str, server: Any) -> Any:
         from llmstack.bench.loadgen import run_load_sync
-        from llmstack.bench.timed import run_for_duration_sync
 
         bench = self.bench
         common = {
@@ -127,10 +126,10 @@ class OnlinePhase:
             assert level.concurrency is not None
             logger.info("benchmark %s: %g s at concurrency %d", level.label, bench.duration_s,
                         level.concurrency)  # fmt: skip
-            result = run_for_duration_sync(
+            result = run_load_sync(
                 self.ctx.base_url,
                 self.payloads,
-                connections=level.concurrency,
+                concurrency=level.concurrency,
                 duration_s=bench.duration_s,
                 input_lens=self.input_lens,
                 progress=timed_progress_bar(level.label, bench.duration_s),

@@ -69,7 +69,7 @@ class RpsPhase:
 
     def run(self, server: Any) -> None:
         from llmstack.bench import wrk
-        from llmstack.bench.timed import completed_by, run_for_duration_sync
+        from llmstack.bench.loadgen import completed_by, run_load_sync
 
         bench, ctx = self.bench, self.ctx
         endpoint = ENDPOINTS["completions"]
@@ -91,11 +91,11 @@ class RpsPhase:
             bench.output_len,
         )
         check_engine(server, f"before load level {self.level.label}")
-        result = run_for_duration_sync(
+        result = run_load_sync(
             ctx.base_url,
             [self.payload],
             endpoint=endpoint,
-            connections=bench.connections,
+            concurrency=bench.connections,
             duration_s=bench.duration_s,
             api_key=ctx.api_key,
             timeout_s=bench.timeout_s,
