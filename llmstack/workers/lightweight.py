@@ -44,9 +44,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import uvicorn
 
-    from llmstack.workers.api import RequestLimits, Worker, build_app
+    from llmstack.workers.openai.api_router import build_app
+    from llmstack.workers.openai.protocol import RequestLimits
+    from llmstack.workers.openai.serving import Serving
 
-    worker = Worker(
+    serving = Serving(
         engine,
         tokenizer,
         served_name=options.served_model_name,
@@ -59,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         limits=RequestLimits.from_options(options, engine.max_model_len),
     )
     app = build_app(
-        worker,
+        serving,
         on_startup=lambda: logger.info(
             "serving %s at http://%s:%d/v1", options.served_model_name, options.host, options.port
         ),

@@ -1,25 +1,16 @@
-"""The event-loop side of a request: where the scheduler's updates land, and the SSE response that drains it.
+"""The event-loop side of a request: where the model loop's updates for it land.
 
-The scheduler thread hands a whole iteration's updates to the loop in one callback; `RequestStream.put`
-only appends and wakes the one coroutine waiting on that request. The reader takes everything queued at
-once, so a response that fell behind catches up with one socket write for several tokens (each still its
-own SSE event).
+One iteration's updates reach the event loop in one callback; `RequestStream.put` only appends and wakes
+the one coroutine waiting on that request. The reader takes everything queued at once (`next_batch`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
-
-from starlette.responses import Response
 
 from llmstack.workers.detokenizer import IncrementalDetokenizer
 from llmstack.workers.scheduler import Update
-
-logger = logging.getLogger(__name__)
 
 
 class RequestStream:
@@ -73,43 +64,3 @@ class RequestStream:
                 self._waiter = None
         batch, self._updates = self._updates, []
         return batch
-
-
-class EventStreamResponse(Response):
-    """text/event-stream from an async iterator of str; calls `on_disconnect` if the client leaves early."""
-
-    media_type = "text/event-stream"
-
-    def __init__(self, chunks: AsyncIterator[str], on_disconnect: Callable[[], None]) -> None:
-        super().__init__(content=None, status_code=200, media_type=self.media_type)
-        self.raw_headers = [
-            (b"content-type", b"text/event-stream; charset=utf-8"),
-            (b"cache-control", b"no-cache"),
-            (b"x-accel-buffering", b"no"),
-        ]
-        self._chunks = chunks
-        self._on_disconnect = on_disconnect
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        done = False
-
-        async def watch_disconnect() -> None:
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    if not done:
-                        self._on_disconnect()
-                    return
-
-        watcher = asyncio.ensure_future(watch_disconnect())
-        try:
-            async for text in self._chunks:
-                await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
-            done = True
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except OSError:
-            logger.debug("client went away while streaming")
-        finally:
-            done = True
-            watcher.cancel()
