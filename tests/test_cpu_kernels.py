@@ -107,7 +107,7 @@ def test_a_failing_compiler_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path
 
 def test_the_fused_backend_attends_with_the_kernel_on_cpu(attention: cpu_kernels.CacheAttention) -> None:
     from llmstack.models.tiny import ensure_tiny_model
-    from llmstack.workers.backends import load
+    from llmstack.workers.backends.loader import load
     from llmstack.workers.protocol import WorkerOptions
 
     options = WorkerOptions(model=str(ensure_tiny_model()), served_model_name="tiny", max_model_len=64,

@@ -17,12 +17,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from llmstack.workers.backends.base import BackendInfo  # noqa: E402
-from llmstack.workers.backends.fast_llama import (  # noqa: E402
-    FastLlamaBackend,
-    batch_buckets,
-    unsupported_reason,
-    width_buckets,
-)
+from llmstack.workers.backends.fast_llama import FastLlamaBackend, batch_buckets, width_buckets  # noqa: E402
+from llmstack.workers.backends.layers import unsupported_reason  # noqa: E402
 
 # Loads models (about 8 s in all).
 pytestmark = pytest.mark.integration

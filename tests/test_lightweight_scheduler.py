@@ -17,7 +17,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from llmstack.models.tiny import ensure_tiny_model  # noqa: E402
-from llmstack.workers.backends import LoadedModel, cpu_kernels, load  # noqa: E402
+from llmstack.workers.backends import cpu_kernels  # noqa: E402
+from llmstack.workers.backends.loader import LoadedModel, load  # noqa: E402
 from llmstack.workers.detokenizer import decoders_for  # noqa: E402
 from llmstack.workers.protocol import WorkerOptions  # noqa: E402
 from llmstack.workers.sampling import SamplingParams  # noqa: E402

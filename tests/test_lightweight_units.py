@@ -532,7 +532,7 @@ def test_auto_model_impl_picks_the_cuda_graph_decoder_on_cuda_only() -> None:
     from transformers import AutoModelForCausalLM
 
     from llmstack.models.tiny import ensure_tiny_model
-    from llmstack.workers.backends import auto_model_impl
+    from llmstack.workers.backends.loader import auto_model_impl
 
     model = AutoModelForCausalLM.from_pretrained(str(ensure_tiny_model()))
     assert auto_model_impl("cuda", model, 256) == "fast"

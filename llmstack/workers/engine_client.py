@@ -199,7 +199,7 @@ class EngineClient:
 
 class ThreadEngine(EngineClient):
     def __init__(self, options: WorkerOptions, metrics: WorkerMetrics) -> None:
-        from llmstack.workers.backends import load
+        from llmstack.workers.backends.loader import load
         from llmstack.workers.detokenizer import decoders_for
 
         loaded = load(options)

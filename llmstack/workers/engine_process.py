@@ -44,7 +44,7 @@ def main(inbox: Any, outbox: Any, options: WorkerOptions) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stdout,
     )
-    from llmstack.workers.backends import BackendError, load
+    from llmstack.workers.backends.loader import BackendError, load
     from llmstack.workers.detokenizer import decoders_for
     from llmstack.workers.engine_client import EngineFacts
     from llmstack.workers.scheduler import Scheduler

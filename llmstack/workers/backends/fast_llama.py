@@ -33,7 +33,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 # This module is the GPU backend itself and is imported only when a model is loaded with it.
@@ -41,64 +40,15 @@ import torch
 import torch.nn.functional as F
 
 from llmstack.workers.backends.base import BackendInfo
+from llmstack.workers.backends.layers import SlotDecoder, mlp, rms_norm
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-# Rotary variants whose frequencies do not depend on the sequence length (a table is exact for them).
-_STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # Attention widths are powers of two from this one, then the cache length.
 MIN_WIDTH = 128
 # Prompt tokens (padded) run by one prefill forward; more admitted prompts are split into several.
 DEFAULT_PREFILL_TOKENS = 16384
-
-
-@dataclass
-class _Layer:
-    ln1: torch.Tensor
-    ln1_eps: float
-    w_qkv: torch.Tensor
-    b_qkv: torch.Tensor | None
-    w_o: torch.Tensor
-    b_o: torch.Tensor | None
-    ln2: torch.Tensor
-    ln2_eps: float
-    w_gate_up: torch.Tensor
-    b_gate_up: torch.Tensor | None
-    w_down: torch.Tensor
-    b_down: torch.Tensor | None
-    act: Any
-
-
-def unsupported_reason(model: Any, max_model_len: int) -> str | None:
-    """Why this backend cannot run `model`, or None if it can."""
-    cfg = model.config
-    if cfg.model_type not in SUPPORTED_MODEL_TYPES:
-        return f"model_type {cfg.model_type!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}"
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if inner is None or layers is None or not hasattr(inner, "rotary_emb"):
-        return "the model does not have the Llama module layout (model.layers, model.rotary_emb)"
-    rope_type = getattr(inner.rotary_emb, "rope_type", "default")
-    if rope_type not in _STATIC_ROPE_TYPES:
-        return f"rope_type {rope_type!r} depends on the sequence length"
-    window = getattr(cfg, "sliding_window", None)
-    uses_window = getattr(cfg, "use_sliding_window", cfg.model_type == "mistral")
-    if window and uses_window and max_model_len > window:
-        return f"sliding-window attention ({window}) is shorter than max_model_len ({max_model_len})"
-    for layer in layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        projections = ("q_proj", "k_proj", "v_proj")
-        if not all(isinstance(getattr(attn, n, None), torch.nn.Linear) for n in projections):
-            return "attention has no separate plain nn.Linear q/k/v projections (quantized?)"
-        if not isinstance(getattr(attn, "o_proj", None), torch.nn.Linear):
-            return "attention has no plain nn.Linear o_proj"
-        if any(getattr(attn, n, None) is not None for n in ("q_norm", "k_norm")):
-            return "attention normalizes queries and keys (not implemented)"
-        if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
-            return "the MLP is not a gated (gate/up/down) MLP"
-    return None
 
 
 def batch_buckets(max_batch_size: int) -> list[int]:
@@ -116,7 +66,7 @@ def width_buckets(cache_len: int, min_width: int = MIN_WIDTH) -> list[int]:
     return [*widths, cache_len]
 
 
-class FastLlamaBackend:
+class FastLlamaBackend(SlotDecoder):
     def __init__(
         self,
         model: Any,
@@ -129,58 +79,26 @@ class FastLlamaBackend:
         prefill_tokens: int = DEFAULT_PREFILL_TOKENS,
         min_width: int = MIN_WIDTH,
     ) -> None:
-        cfg = model.config
-        inner = model.model
-        embed = inner.embed_tokens.weight
-        self.device = embed.device
-        self.dtype = embed.dtype
-        self.max_batch_size = max_batch_size
-        self.max_model_len = max_model_len
-        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        if self.cuda_graphs and self.device.type != "cuda":
-            raise ValueError(f"CUDA graphs need a CUDA device, not {self.device}")
+        device = model.model.embed_tokens.weight.device
+        # Checked before the layers are fused: a refused model is left as it was.
+        self.cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
         # Graphs need the bucketed shapes; without them, exact shapes waste nothing.
         self.static_shapes = self.cuda_graphs or bool(static_shapes)
         self.prefill_tokens = prefill_tokens
-
-        attn0 = inner.layers[0].self_attn
-        self.num_heads = int(cfg.num_attention_heads)
-        self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.num_heads)
-        self.head_dim = int(attn0.head_dim)
-        self.groups = self.num_heads // self.num_kv_heads
-        self.scaling = float(getattr(attn0, "scaling", self.head_dim**-0.5))
-        self._qk_width = (self.num_heads + self.num_kv_heads) * self.head_dim
-        self.embed = embed.detach()
-        self.layers = [_fuse_layer(layer) for layer in inner.layers]
-        self.intermediate = int(self.layers[0].w_down.shape[1])
-        self.norm, self.norm_eps = inner.norm.weight.detach(), float(inner.norm.variance_epsilon)
-        head = model.lm_head
-        self.lm_head = head.weight.detach()
-        self.lm_head_bias = None if head.bias is None else head.bias.detach()
-        self.vocab_size = int(self.lm_head.shape[0])
-
         # Multiples of 16 positions keep the attention views aligned for the fused SDPA kernels.
         self.cache_len = -(-max_model_len // 16) * 16
+        super().__init__(model, max_batch_size=max_batch_size, max_model_len=max_model_len,
+                         table_len=self.cache_len, info=info)  # fmt: skip
+        self._qk_width = (self.num_heads + self.num_kv_heads) * self.head_dim
         self.batch_buckets = batch_buckets(max_batch_size)
         self.width_buckets = width_buckets(self.cache_len, min_width)
-        with torch.inference_mode():
-            positions = torch.arange(self.cache_len, device=self.device).unsqueeze(0)
-            probe = torch.zeros(1, dtype=self.dtype, device=self.device)
-            cos, sin = inner.rotary_emb(probe, positions)
-        half = self.head_dim // 2
-        self._half = half
-        self.cos = cos[0].contiguous()
-        # rotate_half(x) * sin == roll(x, half) * sin_signed: one roll instead of two slices, neg and cat.
-        self.sin_signed = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1).contiguous()
 
         # Zeros, not empty: a masked key must still hold a finite value (0 * NaN is NaN in the softmax sum).
         shape = (2, len(self.layers), max_batch_size, self.num_kv_heads, self.cache_len, self.head_dim)
         self.kv = torch.zeros(shape, dtype=self.dtype, device=self.device)
         info.kv_cache_bytes = self.kv.numel() * self.kv.element_size()
-        self._info = info
-        self._slot_of: dict[int, int] = {}
-        self._seq_in_slot: list[int | None] = [None] * max_batch_size
-        self._length = [0] * max_batch_size
 
         # A decode step's inputs: row 0 tokens, row 1 positions (by slot), row 2 output order (slots).
         self._io = torch.zeros((3, max_batch_size), dtype=torch.long, device=self.device)
@@ -203,18 +121,10 @@ class FastLlamaBackend:
             width_buckets=self.width_buckets,
         )
 
-    def info(self) -> BackendInfo:
-        return self._info
-
     # -- the Backend contract ----------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, seq_ids: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-        first = len(self._slot_of)
-        for offset, (seq_id, prompt) in enumerate(zip(seq_ids, prompts, strict=True)):
-            slot = first + offset
-            self._slot_of[seq_id] = slot
-            self._seq_in_slot[slot] = seq_id
-            self._length[slot] = len(prompt)
+        first = self._assign_slots(seq_ids, prompts)[0]
         rows = []
         start = 0
         while start < len(prompts):
@@ -247,22 +157,8 @@ class FastLlamaBackend:
         self._wait()
         return logits
 
-    def release(self, seq_id: int) -> None:
-        slot = self._slot_of.pop(seq_id, None)
-        if slot is None:
-            return
-        last = len(self._slot_of)  # the highest occupied slot, after the pop
-        if slot != last:
-            moved = self._seq_in_slot[last]
-            assert moved is not None
-            length = self._length[last]
-            with torch.inference_mode():
-                self.kv[:, :, slot, :, :length] = self.kv[:, :, last, :, :length]
-            self._slot_of[moved] = slot
-            self._seq_in_slot[slot] = moved
-            self._length[slot] = length
-        self._seq_in_slot[last] = None
-        self._length[last] = 0
+    def _move_slot(self, source: int, target: int, length: int) -> None:
+        self.kv[:, :, target, :, :length] = self.kv[:, :, source, :, :length]
 
     # -- one decode step ---------------------------------------------------------------------------------
     def _bucket(self, slots: list[int]) -> int:
@@ -355,7 +251,7 @@ class FastLlamaBackend:
         sin = self.sin_signed.index_select(0, pos).unsqueeze(1)
         k_all, v_all = self.kv[0], self.kv[1]
         for index, layer in enumerate(self.layers):
-            h = _rms_norm(x, layer.ln1, layer.ln1_eps)
+            h = rms_norm(x, layer.ln1, layer.ln1_eps)
             qkv = F.linear(h, layer.w_qkv, layer.b_qkv)
             qk = qkv[:, : self._qk_width].view(bucket, heads + kv_heads, dim)
             qk = qk * cos + qk.roll(self._half, -1) * sin
@@ -366,8 +262,8 @@ class FastLlamaBackend:
             keys, values = k_cache[:bucket, :, :width], v_cache[:bucket, :, :width]
             attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
             x = x + F.linear(attn.reshape(bucket, heads * dim), layer.w_o, layer.b_o)
-            x = x + self._mlp(_rms_norm(x, layer.ln2, layer.ln2_eps), layer)
-        return F.linear(_rms_norm(x, self.norm, self.norm_eps), self.lm_head, self.lm_head_bias)
+            x = x + mlp(rms_norm(x, layer.ln2, layer.ln2_eps), layer)
+        return F.linear(rms_norm(x, self.norm, self.norm_eps), self.lm_head, self.lm_head_bias)
 
     def _prefill_batch(self, first_slot: int, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Prompts into slots first_slot.. (right-padded to the longest); logits after each prompt's end."""
@@ -382,7 +278,7 @@ class FastLlamaBackend:
         sin = self.sin_signed[:width].view(1, width, 1, dim)
         slots = slice(first_slot, first_slot + n)
         for index, layer in enumerate(self.layers):
-            h = _rms_norm(x, layer.ln1, layer.ln1_eps)
+            h = rms_norm(x, layer.ln1, layer.ln1_eps)
             qkv = F.linear(h, layer.w_qkv, layer.b_qkv)
             qk = qkv[..., : self._qk_width].view(n, width, heads + kv_heads, dim)
             qk = qk * cos + qk.roll(self._half, -1) * sin
@@ -399,60 +295,7 @@ class FastLlamaBackend:
             # Right padding under a causal mask: a real token never sees a padding one.
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling)
             x = x + F.linear(attn.transpose(1, 2).reshape(n, width, heads * dim), layer.w_o, layer.b_o)
-            x = x + self._mlp(_rms_norm(x, layer.ln2, layer.ln2_eps), layer)
+            x = x + mlp(rms_norm(x, layer.ln2, layer.ln2_eps), layer)
         last_index = torch.tensor([length - 1 for length in lengths], device=self.device)
         last = x[torch.arange(n, device=self.device), last_index]
-        return F.linear(_rms_norm(last, self.norm, self.norm_eps), self.lm_head, self.lm_head_bias)
-
-    def _mlp(self, h: torch.Tensor, layer: _Layer) -> torch.Tensor:
-        gate_up = F.linear(h, layer.w_gate_up, layer.b_gate_up)
-        gate, up = gate_up[..., : self.intermediate], gate_up[..., self.intermediate :]
-        return F.linear(layer.act(gate) * up, layer.w_down, layer.b_down)
-
-
-def _fuse_layer(layer: Any) -> _Layer:
-    attn, mlp = layer.self_attn, layer.mlp
-    fused = _Layer(
-        ln1=layer.input_layernorm.weight.detach(),
-        ln1_eps=float(layer.input_layernorm.variance_epsilon),
-        w_qkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach(),
-        b_qkv=_cat_bias(attn.q_proj, attn.k_proj, attn.v_proj),
-        w_o=attn.o_proj.weight.detach(),
-        b_o=_bias(attn.o_proj),
-        ln2=layer.post_attention_layernorm.weight.detach(),
-        ln2_eps=float(layer.post_attention_layernorm.variance_epsilon),
-        w_gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),
-        b_gate_up=_cat_bias(mlp.gate_proj, mlp.up_proj),
-        w_down=mlp.down_proj.weight.detach(),
-        b_down=_bias(mlp.down_proj),
-        act=mlp.act_fn,
-    )
-    # The separate projections are now copies: drop them so the weights are not held twice.
-    for owner, names in ((attn, ("q_proj", "k_proj", "v_proj")), (mlp, ("gate_proj", "up_proj"))):
-        for name in names:
-            setattr(owner, name, None)
-    return fused
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # transformers' LlamaRMSNorm, operation for operation (so rounding matches).
-    dtype = x.dtype
-    h = x.float() if dtype != torch.float32 else x
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * (h.to(dtype) if dtype != torch.float32 else h)
-
-
-def _bias(linear: Any) -> torch.Tensor | None:
-    return None if linear.bias is None else linear.bias.detach()
-
-
-def _cat_bias(*linears: Any) -> torch.Tensor | None:
-    if all(lin.bias is None for lin in linears):
-        return None
-    parts = [
-        lin.bias.detach()
-        if lin.bias is not None
-        else torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device)
-        for lin in linears
-    ]
-    return torch.cat(parts)
+        return F.linear(rms_norm(last, self.norm, self.norm_eps), self.lm_head, self.lm_head_bias)

@@ -18,110 +18,27 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from llmstack.workers.backends.base import BackendInfo
-from llmstack.workers.protocol import FUSED_MODEL_TYPES
+from llmstack.workers.backends.layers import Layer, SlotDecoder, mlp, rms_norm
 
 logger = logging.getLogger(__name__)
 
-# Rotary variants whose frequencies do not depend on the sequence length (a table is exact for them).
-_STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
-
-@dataclass
-class _Layer:
-    ln1: torch.Tensor
-    ln1_eps: float
-    w_qkv: torch.Tensor
-    b_qkv: torch.Tensor | None
-    w_o: torch.Tensor
-    b_o: torch.Tensor | None
-    ln2: torch.Tensor
-    ln2_eps: float
-    w_gate_up: torch.Tensor
-    b_gate_up: torch.Tensor | None
-    w_down: torch.Tensor
-    b_down: torch.Tensor | None
-    act: Any
-
-
-def unsupported_reason(model: Any, max_model_len: int) -> str | None:
-    """Why the fused decoder cannot run `model`, or None if it can."""
-    cfg = model.config
-    if cfg.model_type not in FUSED_MODEL_TYPES:
-        return f"model_type {cfg.model_type!r} is not one of {', '.join(FUSED_MODEL_TYPES)}"
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if inner is None or layers is None or not hasattr(inner, "rotary_emb"):
-        return "the model does not have the Llama module layout (model.layers, model.rotary_emb)"
-    rope_type = getattr(inner.rotary_emb, "rope_type", "default")
-    if rope_type not in _STATIC_ROPE_TYPES:
-        return f"rope_type {rope_type!r} depends on the sequence length"
-    window = getattr(cfg, "sliding_window", None)
-    uses_window = getattr(cfg, "use_sliding_window", cfg.model_type == "mistral")
-    if window and uses_window and max_model_len > window:
-        return f"sliding-window attention ({window}) is shorter than max_model_len ({max_model_len})"
-    for layer in layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        if not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
-            return "attention has no separate q/k/v/o projections"
-        if any(hasattr(attn, n) for n in ("q_norm", "k_norm")):
-            return "attention normalizes queries and keys (not implemented)"
-        if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
-            return "the MLP is not a gated (gate/up/down) MLP"
-        if type(attn.q_proj) is not torch.nn.Linear:
-            return f"projections are {type(attn.q_proj).__name__}, not plain nn.Linear (quantized?)"
-    return None
-
-
-class FusedDecoderBackend:
+class FusedDecoderBackend(SlotDecoder):
     def __init__(self, model: Any, *, max_batch_size: int, max_model_len: int, info: BackendInfo) -> None:
-        cfg = model.config
-        inner = model.model
-        embed = inner.embed_tokens.weight
-        self.device = embed.device
-        self.dtype = embed.dtype
-        self.max_batch_size = max_batch_size
-        self.max_model_len = max_model_len
-        attn0 = inner.layers[0].self_attn
-        self.num_heads = int(cfg.num_attention_heads)
-        self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.num_heads)
-        self.head_dim = int(attn0.head_dim)
-        self.groups = self.num_heads // self.num_kv_heads
-        self.scaling = float(getattr(attn0, "scaling", self.head_dim**-0.5))
-        self.embed = embed
-        self.layers = [self._fuse_layer(layer) for layer in inner.layers]
-        self.norm, self.norm_eps = inner.norm.weight, float(inner.norm.variance_epsilon)
-        head = model.lm_head
-        self.lm_head, self.lm_head_bias = head.weight, head.bias
-        self.vocab_size = int(self.lm_head.shape[0])
-        self.intermediate = self.layers[0].w_down.shape[1]
-
-        with torch.inference_mode():
-            positions = torch.arange(max_model_len, device=self.device).unsqueeze(0)
-            probe = torch.zeros(1, dtype=self.dtype, device=self.device)
-            cos, sin = inner.rotary_emb(probe, positions)
-        half = self.head_dim // 2
-        self.cos = cos[0].contiguous()
-        # rotate_half(x) * sin == roll(x, half) * sin_signed: one roll instead of two slices, neg and cat.
-        self.sin_signed = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1).contiguous()
-        self._half = half
-
+        super().__init__(model, max_batch_size=max_batch_size, max_model_len=max_model_len,
+                         table_len=max_model_len, info=info)  # fmt: skip
         shape = (max_batch_size, self.num_kv_heads, max_model_len, self.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         element = torch.finfo(self.dtype).bits // 8
         kv_bytes = 2 * len(self.layers) * max_batch_size * self.num_kv_heads * max_model_len * self.head_dim
         info.kv_cache_bytes = kv_bytes * element
-        self._info = info
-        self._slot_of: dict[int, int] = {}
-        self._seq_in_slot: list[int | None] = [None] * max_batch_size
-        self._length = [0] * max_batch_size
         self._arange = torch.arange(max_model_len, device=self.device)
         mask_shape = (max_batch_size, 1, 1, max_model_len)
         self._zero_mask = torch.zeros(mask_shape, dtype=self.dtype, device=self.device)
@@ -136,19 +53,10 @@ class FusedDecoderBackend:
             self._ones = torch.ones(max_batch_size, dtype=torch.long)
         info.extra["attention"] = "llmstack-cpu" if self._attention is not None else "torch-sdpa"
 
-    def info(self) -> BackendInfo:
-        return self._info
-
     # -- the Backend contract ----------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, seq_ids: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-        slots = []
-        for seq_id, prompt in zip(seq_ids, prompts, strict=True):
-            slot = len(self._slot_of)
-            self._slot_of[seq_id] = slot
-            self._seq_in_slot[slot] = seq_id
-            self._length[slot] = len(prompt)
-            slots.append(slot)
+        slots = self._assign_slots(seq_ids, prompts)
         if self._attention is not None:
             return self._prefill_packed(slots, prompts).float()
         rows = [self._prefill_one(slot, prompt) for slot, prompt in zip(slots, prompts, strict=True)]
@@ -174,24 +82,10 @@ class FusedDecoderBackend:
             self._length[slot] += 1
         return logits.float()
 
-    def release(self, seq_id: int) -> None:
-        slot = self._slot_of.pop(seq_id, None)
-        if slot is None:
-            return
-        last = len(self._slot_of)  # the highest occupied slot, after the pop
-        if slot != last:
-            moved = self._seq_in_slot[last]
-            assert moved is not None
-            length = self._length[last]
-            with torch.inference_mode():
-                for k, v in zip(self.k_cache, self.v_cache, strict=True):
-                    k[slot, :, :length] = k[last, :, :length]
-                    v[slot, :, :length] = v[last, :, :length]
-            self._slot_of[moved] = slot
-            self._seq_in_slot[slot] = moved
-            self._length[slot] = length
-        self._seq_in_slot[last] = None
-        self._length[last] = 0
+    def _move_slot(self, source: int, target: int, length: int) -> None:
+        for k, v in zip(self.k_cache, self.v_cache, strict=True):
+            k[target, :, :length] = k[source, :, :length]
+            v[target, :, :length] = v[source, :, :length]
 
     # -- the arithmetic ----------------------------------------------------------------------------------
     def _prefill_one(self, slot: int, prompt: Sequence[int]) -> torch.Tensor:
@@ -213,7 +107,7 @@ class FusedDecoderBackend:
                 enable_gqa=self.groups > 1,
             )
             x = self._rest_of_layer(x, attn[0].transpose(0, 1), layer)
-        last = _rms_norm(x[-1:], self.norm, self.norm_eps)
+        last = rms_norm(x[-1:], self.norm, self.norm_eps)
         return F.linear(last, self.lm_head, self.lm_head_bias)
 
     def _prefill_packed(self, slots: list[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -236,7 +130,7 @@ class FusedDecoderBackend:
             self._attention(q, k_new, v_new, attn, k_cache, v_cache, slots_t, starts, counts, self.scaling)
             x = self._rest_of_layer(x, attn, layer)
         last = torch.tensor(lengths, dtype=torch.long).cumsum(0) - 1
-        x = _rms_norm(x.index_select(0, last), self.norm, self.norm_eps)
+        x = rms_norm(x.index_select(0, last), self.norm, self.norm_eps)
         return F.linear(x, self.lm_head, self.lm_head_bias)
 
     def _decode(self, tokens: list[int], positions: list[int], slots: list[int] | None) -> torch.Tensor:
@@ -271,77 +165,22 @@ class FusedDecoderBackend:
                     grouped, keys, values, attn_mask=mask, scale=self.scaling
                 )
             x = self._rest_of_layer(x, attn, layer)
-        return F.linear(_rms_norm(x, self.norm, self.norm_eps), self.lm_head, self.lm_head_bias)
+        return F.linear(rms_norm(x, self.norm, self.norm_eps), self.lm_head, self.lm_head_bias)
 
     def _rotated_qkv(
-        self, x: torch.Tensor, layer: _Layer, cos: torch.Tensor, sin: torch.Tensor
+        self, x: torch.Tensor, layer: Layer, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The layer's queries and keys (rotary applied) and values for `x`'s tokens: views of one
         projection, [tokens, heads, dim], [tokens, kv_heads, dim], [tokens, kv_heads, dim]."""
         tokens = x.shape[0]
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = F.linear(_rms_norm(x, layer.ln1, layer.ln1_eps), layer.w_qkv, layer.b_qkv)
+        qkv = F.linear(rms_norm(x, layer.ln1, layer.ln1_eps), layer.w_qkv, layer.b_qkv)
         qk = qkv[:, : (heads + kv_heads) * dim].view(tokens, heads + kv_heads, dim)
         qk = qk * cos + qk.roll(self._half, -1) * sin
         v = qkv[:, (heads + kv_heads) * dim :].view(tokens, kv_heads, dim)
         return qk[:, :heads], qk[:, heads:], v
 
-    def _rest_of_layer(self, x: torch.Tensor, attn: torch.Tensor, layer: _Layer) -> torch.Tensor:
+    def _rest_of_layer(self, x: torch.Tensor, attn: torch.Tensor, layer: Layer) -> torch.Tensor:
         """Output projection of the attention ([tokens, heads, dim]) and the MLP, each with its residual."""
         x = x + F.linear(attn.reshape(x.shape[0], self.num_heads * self.head_dim), layer.w_o, layer.b_o)
-        return x + self._mlp(_rms_norm(x, layer.ln2, layer.ln2_eps), layer)
-
-    def _mlp(self, h: torch.Tensor, layer: _Layer) -> torch.Tensor:
-        gate_up = F.linear(h, layer.w_gate_up, layer.b_gate_up)
-        gate, up = gate_up[..., : self.intermediate], gate_up[..., self.intermediate :]
-        return F.linear(layer.act(gate) * up, layer.w_down, layer.b_down)
-
-    def _fuse_layer(self, layer: Any) -> _Layer:
-        attn, mlp = layer.self_attn, layer.mlp
-        fused = _Layer(
-            ln1=layer.input_layernorm.weight,
-            ln1_eps=float(layer.input_layernorm.variance_epsilon),
-            w_qkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach(),
-            b_qkv=_cat_bias(attn.q_proj, attn.k_proj, attn.v_proj),
-            w_o=attn.o_proj.weight.detach(),
-            b_o=_bias(attn.o_proj),
-            ln2=layer.post_attention_layernorm.weight,
-            ln2_eps=float(layer.post_attention_layernorm.variance_epsilon),
-            w_gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),
-            b_gate_up=_cat_bias(mlp.gate_proj, mlp.up_proj),
-            w_down=mlp.down_proj.weight.detach(),
-            b_down=_bias(mlp.down_proj),
-            act=mlp.act_fn,
-        )
-        # The separate projections are now copies: drop them so the weights are not held twice.
-        for owner, names in ((attn, ("q_proj", "k_proj", "v_proj")), (mlp, ("gate_proj", "up_proj"))):
-            for name in names:
-                setattr(owner, name, None)
-        return fused
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if x.dtype == torch.float32:
-        # One fused op; in float32 it rounds exactly as transformers' LlamaRMSNorm (checked by the tests).
-        return F.rms_norm(x, weight.shape, weight, eps)
-    # transformers' LlamaRMSNorm, operation for operation (so rounding matches): float32 inside.
-    dtype = x.dtype
-    h = x.float() if dtype != torch.float32 else x
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * (h.to(dtype) if dtype != torch.float32 else h)
-
-
-def _bias(linear: Any) -> torch.Tensor | None:
-    return None if linear.bias is None else linear.bias.detach()
-
-
-def _cat_bias(*linears: Any) -> torch.Tensor | None:
-    if all(lin.bias is None for lin in linears):
-        return None
-    parts = [
-        lin.bias.detach()
-        if lin.bias is not None
-        else torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device)
-        for lin in linears
-    ]
-    return torch.cat(parts)
+        return x + mlp(rms_norm(x, layer.ln2, layer.ln2_eps), layer)
