@@ -377,17 +377,17 @@ def test_metrics_render_prometheus_text() -> None:
 
 
 # -- admission and dispatch in the server process -----------------------------------------------------------
-def test_engine_client_admits_batch_plus_queue_and_counts_what_clients_get() -> None:
+def test_model_client_admits_batch_plus_queue_and_counts_what_clients_get() -> None:
     import asyncio
 
     from llmstack.workers.backends.base import BackendInfo
-    from llmstack.workers.engine_client import EngineClient, EngineFacts, Overloaded
+    from llmstack.workers.model_client import ModelClient, ModelFacts, Overloaded
     from llmstack.workers.scheduler import Update
 
     sent: list[str] = []
     aborted: list[str] = []
 
-    class Recording(EngineClient):  # the model loop's end of the pipe, recorded
+    class Recording(ModelClient):  # the model loop's end of the pipe, recorded
         def alive(self) -> bool:
             return True
 
@@ -397,7 +397,7 @@ def test_engine_client_admits_batch_plus_queue_and_counts_what_clients_get() -> 
         def _send_abort(self, request_id: str) -> None:
             aborted.append(request_id)
 
-    facts = EngineFacts(
+    facts = ModelFacts(
         1, 64, [2], BackendInfo("transformers", "fused", "cpu", "float32", None, "llama"), 1024
     )
 
@@ -430,17 +430,17 @@ def test_the_server_process_makes_the_text_of_requests_without_stop_strings(toke
     import asyncio
 
     from llmstack.workers.backends.base import BackendInfo
-    from llmstack.workers.engine_client import EngineClient, EngineFacts
+    from llmstack.workers.model_client import ModelClient, ModelFacts
     from llmstack.workers.scheduler import Update
 
-    class Client(EngineClient):
+    class Client(ModelClient):
         def alive(self) -> bool:
             return True
 
         def _send(self, request) -> None:
             pass
 
-    facts = EngineFacts(
+    facts = ModelFacts(
         4, 64, [2], BackendInfo("transformers", "fused", "cpu", "float32", None, "llama"), 1024
     )
     decoders = decoders_for(tokenizer)
@@ -482,13 +482,13 @@ def test_a_token_the_server_process_cannot_decode_fails_only_its_request(tokeniz
     import asyncio
 
     from llmstack.workers.backends.base import BackendInfo
-    from llmstack.workers.engine_client import EngineClient, EngineFacts
+    from llmstack.workers.model_client import ModelClient, ModelFacts
     from llmstack.workers.scheduler import Update
 
     poison = 999
     aborted: list[str] = []
 
-    class Client(EngineClient):
+    class Client(ModelClient):
         def alive(self) -> bool:
             return True
 
@@ -507,7 +507,7 @@ def test_a_token_the_server_process_cannot_decode_fails_only_its_request(tokeniz
         return decode_or_fail
 
     decoders = {skip: failing_on_poison(decode) for skip, decode in decoders_for(tokenizer).items()}
-    facts = EngineFacts(
+    facts = ModelFacts(
         4, 64, [2], BackendInfo("transformers", "fused", "cpu", "float32", None, "llama"), 1024
     )
 

@@ -90,10 +90,6 @@ class StopChecker:
         # All text accepted so far (released or held back).
         self.text = ""
 
-    @property
-    def active(self) -> bool:
-        return bool(self._stops)
-
     def add(self, delta: str) -> tuple[str, str | None]:
         """Append `delta`; return (text now safe to release, the stop string found or None)."""
         released_before = max(0, len(self.text) - self._held)

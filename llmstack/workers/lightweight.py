@@ -3,7 +3,7 @@
     python -m llmstack.workers.lightweight --model DIR --served-model-name NAME [--backend ipex_llm ...]
 
 Two processes by default: this one serves HTTP (FastAPI on uvicorn) and tokenizes prompts; a child
-(`engine_process.py`) loads the model and runs the scheduler. The model is loaded before the port opens,
+(`model_process.py`) loads the model and runs the scheduler. The model is loaded before the port opens,
 so a listening port means a loaded model (and the launcher's probe still waits for /health and
 /v1/models). SIGTERM or Ctrl-C stops uvicorn, which stops the model process; if the model process dies,
 open requests fail and the server exits with status 1, so the launcher sees it. Flags:
@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     metrics = WorkerMetrics(options.served_model_name)
     try:
-        engine, tokenizer = _start_engine(options, metrics)
+        client, tokenizer = _start_model(options, metrics)
     except Exception as exc:  # the model cannot be served as asked: one line, no traceback
         logger.error("cannot serve %s: %s", options.model, exc)
         return 2
@@ -49,16 +49,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from llmstack.workers.openai.serving import Serving
 
     serving = Serving(
-        engine,
+        client,
         tokenizer,
         served_name=options.served_model_name,
         model_path=options.model,
-        max_model_len=engine.max_model_len,
-        info=engine.facts.info,
+        max_model_len=client.max_model_len,
+        info=client.facts.info,
         metrics=metrics,
         api_key=os.environ.get(API_KEY_ENV) or None,
-        vocab_size=engine.facts.vocab_size,
-        limits=RequestLimits.from_options(options, engine.max_model_len),
+        vocab_size=client.facts.vocab_size,
+        limits=RequestLimits.from_options(options, client.max_model_len),
     )
     app = build_app(
         serving,
@@ -75,20 +75,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
     server = uvicorn.Server(config)
-    if hasattr(engine, "on_death"):
-        engine.on_death = lambda: setattr(server, "should_exit", True)
+    if hasattr(client, "on_death"):
+        client.on_death = lambda: setattr(server, "should_exit", True)
     server.run()
-    return 1 if getattr(engine, "died", False) else 0
+    return 1 if getattr(client, "died", False) else 0
 
 
-def _start_engine(options: WorkerOptions, metrics: Any) -> tuple[Any, Any]:
+def _start_model(options: WorkerOptions, metrics: Any) -> tuple[Any, Any]:
     """The model loop's client (the model loaded) and this process's tokenizer."""
+    from llmstack.workers.backends.loader import load_tokenizer
     from llmstack.workers.detokenizer import decoders_for
-    from llmstack.workers.engine_client import ModelProcess, ProcessEngine, ThreadEngine
+    from llmstack.workers.model_client import ProcessModelClient, ThreadModelClient
+    from llmstack.workers.model_process import ModelProcess
 
     if not options.model_process:
-        engine = ThreadEngine(options, metrics)
-        return engine, engine.tokenizer
+        client = ThreadModelClient(options, metrics)
+        return client, client.tokenizer
     model = ModelProcess(options)  # loads in the child while this process loads the tokenizer
     try:
         tokenizer = load_tokenizer(options)
@@ -96,20 +98,17 @@ def _start_engine(options: WorkerOptions, metrics: Any) -> tuple[Any, Any]:
     except BaseException:
         model.stop()
         raise
-    engine = ProcessEngine(model, facts, max_waiting_requests=options.max_waiting_requests, metrics=metrics,
-                           decoders=decoders_for(tokenizer))  # fmt: skip
-    return engine, tokenizer
-
-
-def load_tokenizer(options: WorkerOptions) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(
-        options.tokenizer or options.model, trust_remote_code=options.trust_remote_code
+    client = ProcessModelClient(
+        model,
+        facts,
+        max_waiting_requests=options.max_waiting_requests,
+        metrics=metrics,
+        decoders=decoders_for(tokenizer),
     )
+    return client, tokenizer
 
 
 if __name__ == "__main__":
-    from llmstack.workers.engine_process import fast_exit
+    from llmstack.workers.model_process import fast_exit
 
     fast_exit(main())

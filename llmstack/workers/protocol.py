@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 LIGHTWEIGHT_MODULE = "llmstack.workers.lightweight"
 # The API key travels in the environment, so it does not show in `ps`.
 API_KEY_ENV = "LLMSTACK_API_KEY"
+# llmstack's cache (models, compiled kernels, composed configs); see `cache_dir`.
+CACHE_ENV = "LLMSTACK_CACHE"
 
 BACKENDS = ("transformers", "ipex_llm")
 # Where each backend runs. ipex-llm's low-bit kernels exist for Intel GPUs and (some formats) CPUs.
@@ -168,3 +172,13 @@ def _non_negative(text: str) -> int:
 
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(WorkerOptions)}
+
+
+def cache_dir() -> Path:
+    """`$LLMSTACK_CACHE`, else `$XDG_CACHE_HOME/llmstack`, else `~/.cache/llmstack`."""
+    explicit = os.environ.get(CACHE_ENV)
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "llmstack"

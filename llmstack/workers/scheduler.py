@@ -7,12 +7,12 @@ Each iteration:
   4. samples, detokenizes, checks stop conditions, releases finished sequences' KV state;
   5. publishes all of the iteration's updates at once: `publish(updates, running, waiting)`.
 
-The scheduler runs in the model process (`engine_process.py`) or in a thread of the server process
-(`engine_client.ThreadEngine`); `publish` is what differs (a pipe write, or `call_soon_threadsafe`). In the
-model process it detokenizes only the sequences that have stop strings (their text decides when they
-stop); the others' updates carry token ids, and the server process turns them into text, on the other
-core, as vLLM's V1 engine does (`text_for_stops_only`). It
-never touches asyncio objects or HTTP, and the front end never touches the backend. Requests carry their
+The scheduler runs in the model process (`model_process.py`) or in a thread of the server process
+(`model_client.ThreadModelClient`); `publish` is what differs (a pipe write, or `call_soon_threadsafe`).
+In the model process it detokenizes only the sequences that have stop strings (their text decides when
+they stop); the others' updates carry token ids, and the server process turns them into text, on the
+other core, as vLLM's V1 engine does (`text_for_stops_only`). It never touches asyncio objects or HTTP,
+and the front end never touches the backend. Requests carry their
 own sampling parameters and stop conditions, so any mix shares a forward pass. Admission limits (how many
 may wait) are the front end's: it answers 503 before a request gets here.
 """
@@ -60,7 +60,7 @@ class GenerationRequest:
 def text_needed_beside_model(params: SamplingParams) -> bool:
     """Whether a request's text must be made where the model runs: its stop strings, found in the text,
     decide when it stops. Other requests' text may be made by the front end from their token ids
-    (`Scheduler(text_for_stops_only=True)` with `EngineClient(decoders=...)`)."""
+    (`Scheduler(text_for_stops_only=True)` with `ModelClient(decoders=...)`)."""
     return bool(params.stop)
 
 

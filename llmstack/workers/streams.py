@@ -34,7 +34,7 @@ class RequestStream:
         # perf_counter() at submission, and when the first token was handed over (metrics).
         self.arrival = time.perf_counter()
         self.first_token_at: float | None = None
-        # Set where this process makes the request's text from its token ids (engine_client.ProcessEngine).
+        # Set where this process makes the request's text from its token ids (ProcessModelClient).
         self.detokenizer: IncrementalDetokenizer | None = None
 
     def put(self, update: Update) -> None:

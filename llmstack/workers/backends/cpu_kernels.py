@@ -2,10 +2,10 @@
 
 Plain C rather than a torch extension: it compiles in well under a second (a torch extension needs the
 torch headers and tens of seconds), and it needs nothing but a C compiler. The shared object is cached
-under `<llmstack cache>/kernels/`, keyed by the source, the compiler and this CPU's flags (it is built with
--march=native); a lock file keeps parallel workers from building it twice. Anything missing (no compiler,
-a failed build, another platform) makes `cache_attention()` return None and the backend keeps torch's
-attention; `LLMSTACK_CPU_KERNELS=0` turns the kernels off.
+under `<llmstack cache>/kernels/` (`protocol.cache_dir`), keyed by the source, the compiler and this CPU's
+flags (it is built with -march=native); a lock file keeps parallel workers from building it twice.
+Anything missing (no compiler, a failed build, another platform) makes `cache_attention()` return None and
+the backend keeps torch's attention; `LLMSTACK_CPU_KERNELS=0` turns the kernels off.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from llmstack.workers.protocol import cache_dir
 
 if TYPE_CHECKING:
     import torch
@@ -116,12 +118,10 @@ def _library(compiler: str) -> ctypes.CDLL | None:
 
 
 def _build(compiler: str) -> Path:
-    from llmstack.models.tiny import default_cache_dir
-
     source = _SOURCE.read_bytes()
     version = subprocess.run([compiler, "--version"], capture_output=True, timeout=30).stdout
     key = hashlib.sha256(source + version + " ".join(_CFLAGS).encode() + _cpu_flags()).hexdigest()[:16]
-    directory = default_cache_dir() / "kernels"
+    directory = cache_dir() / "kernels"
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / f"attention-{key}.so"
     if target.exists():

@@ -46,7 +46,7 @@ def load(options: WorkerOptions) -> LoadedModel:
 
         keep_freed_memory()
     started = time.perf_counter()
-    tokenizer = _load_tokenizer(options)
+    tokenizer = load_tokenizer(options)
     if options.backend == "ipex_llm":
         model = _load_ipex_llm(options, device)
     else:
@@ -166,7 +166,7 @@ def _device(name: str) -> Any:
     return torch.device(name)
 
 
-def _torch_dtype(options: WorkerOptions, device: Any) -> Any:
+def _torch_dtype(options: WorkerOptions) -> Any:
     import torch
 
     if options.dtype != "auto":
@@ -174,7 +174,7 @@ def _torch_dtype(options: WorkerOptions, device: Any) -> Any:
     return "auto"
 
 
-def _load_tokenizer(options: WorkerOptions) -> Any:
+def load_tokenizer(options: WorkerOptions) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(
@@ -186,7 +186,7 @@ def _load_transformers(options: WorkerOptions, device: Any) -> Any:
     import transformers
     from transformers import AutoModelForCausalLM
 
-    dtype = _torch_dtype(options, device)
+    dtype = _torch_dtype(options)
     # transformers 5 renamed torch_dtype to dtype.
     dtype_kwarg = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     model = AutoModelForCausalLM.from_pretrained(
@@ -204,7 +204,7 @@ def _load_ipex_llm(options: WorkerOptions, device: Any) -> Any:
         raise BackendError(f"backend ipex_llm: cannot import ipex_llm in this interpreter ({exc})") from exc
     if not options.low_bit:
         raise BackendError("backend ipex_llm needs --low-bit (e.g. sym_int4)")
-    dtype = _torch_dtype(options, device)
+    dtype = _torch_dtype(options)
     if dtype == "auto":
         # ipex-llm's lightweight serving runs float16 on Intel GPUs; its CPU kernels want float32 activations.
         dtype = torch.float16 if device.type == "xpu" else torch.float32

@@ -18,8 +18,8 @@ from typing import Any
 from fastapi.responses import JSONResponse, Response
 
 from llmstack.workers.backends.base import BackendInfo
-from llmstack.workers.engine_client import EngineClient, EngineDied, Overloaded
 from llmstack.workers.metrics import WorkerMetrics
+from llmstack.workers.model_client import ModelClient, ModelDied, Overloaded
 from llmstack.workers.openai.protocol import (
     ApiError,
     Bounds,
@@ -47,7 +47,7 @@ class Serving:
 
     def __init__(
         self,
-        client: EngineClient,
+        client: ModelClient,
         tokenizer: Any,
         *,
         served_name: str,
@@ -283,7 +283,7 @@ class Serving:
             raise ApiError(
                 503, f"The server is overloaded: {exc}.", kind="server_error", code="overloaded"
             ) from exc
-        except EngineDied as exc:
+        except ModelDied as exc:
             raise ApiError(503, f"The model is not being served: {exc}.", kind="server_error") from exc
 
     async def collect(self, request_id: str, stream: RequestStream) -> tuple[str, Update, list[int]]:

@@ -1,17 +1,17 @@
-"""The server process's side of the model loop: admission, per-request streams, metrics.
+"""The server process's client of the model loop: admission, per-request streams, metrics.
 
-Two ways to run the scheduler (`scheduler.Scheduler`), same interface here:
+Two ways to run the scheduler (`scheduler.Scheduler`), same interface here (`ModelClient`):
 
-  ProcessEngine (default)  the scheduler and the backend run in a child process (`engine_process.py`);
-                           requests go down one pipe (sent by a writer thread: a large message never
-                           blocks the event loop), each iteration's updates come back up another and are
-                           read by the event loop (`add_reader`). The model never competes with HTTP for the
-                           GIL: with both in one process, every torch call releases and re-takes the GIL,
-                           and each re-take waits behind the event loop (measured: half the throughput of
-                           a small model on 2 cores).
-  ThreadEngine             the scheduler in a thread of this process; updates come in through
-                           `call_soon_threadsafe`. Simpler to debug; fine when the model step waits on a
-                           device (GIL released) rather than on Python.
+  ProcessModelClient (default)  the scheduler and the backend run in a child process (`model_process.py`);
+                                requests go down one pipe (sent by a writer thread: a large message never
+                                blocks the event loop), each iteration's updates come back up another and
+                                are read by the event loop (`add_reader`). The model never competes with
+                                HTTP for the GIL: with both in one process, every torch call releases and
+                                re-takes the GIL, and each re-take waits behind the event loop (measured:
+                                half the throughput of a small model on 2 cores).
+  ThreadModelClient             the scheduler in a thread of this process; updates come in through
+                                `call_soon_threadsafe`. Simpler to debug; fine when the model step waits on
+                                a device (GIL released) rather than on Python.
 
 Metrics are kept here, from what clients are sent: TTFT is arrival at this process to the first token
 handed to the client's stream. So is the model loop's progress: requests open and no update for
@@ -28,12 +28,11 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-from llmstack.workers.backends.base import BackendInfo
 from llmstack.workers.detokenizer import Decoders, IncrementalDetokenizer
 from llmstack.workers.metrics import WorkerMetrics
+from llmstack.workers.model_process import ModelFacts, ModelProcess
 from llmstack.workers.protocol import WorkerOptions
 from llmstack.workers.sampling import SamplingParams
 from llmstack.workers.scheduler import GenerationRequest, Scheduler, Update, text_needed_beside_model
@@ -41,31 +40,16 @@ from llmstack.workers.streams import RequestStream
 
 logger = logging.getLogger(__name__)
 
-# Seconds to wait for the model process to load the model and say it is ready.
-LOAD_TIMEOUT_S = 3600.0
-
 
 class Overloaded(Exception):
     """The running batch and the waiting queue are full."""
 
 
-class EngineDied(Exception):
+class ModelDied(Exception):
     """The model process exited."""
 
 
-@dataclass(frozen=True)
-class EngineFacts:
-    """What the model loop tells the front end once the model is loaded."""
-
-    max_batch_size: int
-    max_model_len: int
-    eos_token_ids: list[int]
-    info: BackendInfo
-    # Rows of the embedding: token ids at or above it are out of vocabulary.
-    vocab_size: int
-
-
-class EngineClient:
+class ModelClient:
     """Admission and dispatch, shared by both ways of running the scheduler.
 
     `decoders` (ids -> text, by skip_special_tokens): given where the scheduler leaves the text of requests
@@ -75,7 +59,7 @@ class EngineClient:
 
     def __init__(
         self,
-        facts: EngineFacts,
+        facts: ModelFacts,
         *,
         max_waiting_requests: int,
         metrics: WorkerMetrics,
@@ -105,7 +89,7 @@ class EngineClient:
                 f"{self.max_batch_size} + max_waiting_requests {self.max_waiting_requests}); retry later"
             )
         if not self.alive():
-            raise EngineDied("the model loop is not running")
+            raise ModelDied("the model loop is not running")
         assert self._loop is not None
         if not self._streams:
             self._progress_at = time.monotonic()  # an idle loop owes no progress until now
@@ -197,7 +181,7 @@ class EngineClient:
         raise NotImplementedError
 
 
-class ThreadEngine(EngineClient):
+class ThreadModelClient(ModelClient):
     def __init__(self, options: WorkerOptions, metrics: WorkerMetrics) -> None:
         from llmstack.workers.backends.loader import load
         from llmstack.workers.detokenizer import decoders_for
@@ -210,7 +194,7 @@ class ThreadEngine(EngineClient):
             loaded.eos_token_ids,
             publish=self._publish,
         )
-        facts = EngineFacts(options.max_batch_size, loaded.max_model_len, loaded.eos_token_ids,
+        facts = ModelFacts(options.max_batch_size, loaded.max_model_len, loaded.eos_token_ids,
                             loaded.backend.info(), loaded.backend.vocab_size)  # fmt: skip
         super().__init__(facts, max_waiting_requests=options.max_waiting_requests, metrics=metrics)
 
@@ -237,54 +221,7 @@ class ThreadEngine(EngineClient):
         self.scheduler.abort(request_id)
 
 
-class ModelProcess:
-    """The child process that loads the model and runs the scheduler (multiprocessing, spawn), and the two
-    one-way pipes to it: `requests` (this process sends) and `updates` (this process reads)."""
-
-    def __init__(self, options: WorkerOptions) -> None:
-        import multiprocessing
-
-        from llmstack.workers import engine_process
-
-        context = multiprocessing.get_context("spawn")
-        inbox, self.requests = context.Pipe(duplex=False)
-        self.updates, outbox = context.Pipe(duplex=False)
-        self.process = context.Process(
-            target=engine_process.main, args=(inbox, outbox, options), name="llmstack-model", daemon=True
-        )
-        self.process.start()
-        inbox.close()
-        outbox.close()
-
-    def wait_ready(self, timeout_s: float = LOAD_TIMEOUT_S) -> EngineFacts:
-        """Block until the model is loaded; RuntimeError with the reason if it could not be."""
-        deadline = time.monotonic() + timeout_s
-        while not self.updates.poll(0.5):
-            if not self.process.is_alive():
-                raise RuntimeError(
-                    f"the model process exited with status {self.process.exitcode} while loading"
-                )
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the model was not loaded after {timeout_s:.0f} s")
-        kind, payload = self.updates.recv()
-        if kind == "error":
-            self.process.join(10)
-            raise RuntimeError(payload)
-        assert kind == "ready", kind
-        return payload
-
-    def stop(self, tell: bool = True) -> None:
-        """`tell`: send the stop message here (False: the caller's writer has sent it)."""
-        if tell:
-            with contextlib.suppress(OSError, ValueError):
-                self.requests.send(("stop", None))
-        self.process.join(10)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join(5)
-
-
-class ProcessEngine(EngineClient):
+class ProcessModelClient(ModelClient):
     """The model loop in a child process. The text of requests without stop strings is made here, from
     their token ids (`decoders`), so that the model process spends no time on it.
 
@@ -296,7 +233,7 @@ class ProcessEngine(EngineClient):
     def __init__(
         self,
         model: ModelProcess,
-        facts: EngineFacts,
+        facts: ModelFacts,
         *,
         max_waiting_requests: int,
         metrics: WorkerMetrics,
@@ -344,7 +281,7 @@ class ProcessEngine(EngineClient):
                 updates = [(r[0], Update(r[1], r[2], r[3], r[4], r[5], r[6])) for r in rows]
                 self._dispatch(updates, running, waiting)
         except (EOFError, OSError) as exc:
-            self._engine_died(exc)
+            self._model_died(exc)
 
     def _write(self) -> None:
         """In the writer thread: send what the event loop queued, in order, blocking as long as it takes."""
@@ -357,10 +294,10 @@ class ProcessEngine(EngineClient):
                     logger.error("cannot send to the model process (%s: %s)", type(exc).__name__, exc)
                     if self._loop is not None:
                         with contextlib.suppress(RuntimeError):
-                            self._loop.call_soon_threadsafe(self._engine_died, exc)
+                            self._loop.call_soon_threadsafe(self._model_died, exc)
                 return
 
-    def _engine_died(self, exc: BaseException) -> None:
+    def _model_died(self, exc: BaseException) -> None:
         if self._dead:
             return
         self._dead = True

@@ -1,10 +1,10 @@
-"""The model process: loads the model, runs the scheduler, talks to the server process over a pipe.
+"""The model process (loads the model, runs the scheduler) and its handle in the server process.
 
 Messages (pickled tuples on two one-way multiprocessing Pipes, one per direction: the server's event loop
 makes the end it reads non-blocking, and a send on a non-blocking end fails for any message larger than
 the socket's buffer, so the server never sends on that end):
   server -> model   ("add", GenerationRequest)  ("abort", request_id)  ("stop", None)
-  model -> server   ("ready", EngineFacts) or ("error", message), once, after loading;
+  model -> server   ("ready", ModelFacts) or ("error", message), once, after loading;
                     ("updates", [(request_id, *Update fields), ...], running, waiting), once per
                     iteration; the text field is "" for requests without stop strings (the server
                     process detokenizes those from the token ids).
@@ -12,7 +12,8 @@ the socket's buffer, so the server never sends on that end):
 A reader thread takes the server's messages (blocked in recv, it holds no GIL); the main thread runs the
 scheduler. The process leaves when told to stop, when the pipe closes (the server process is gone), or, as
 a last resort, by SIGKILL from the kernel when its parent dies. It ignores SIGINT and SIGTERM: the server
-process decides when the model loop ends, so that it can finish its streams first.
+process decides when the model loop ends, so that it can finish its streams first. `ModelProcess` starts it
+and waits for its `ModelFacts`; `model_client.ProcessModelClient` then speaks to it.
 """
 
 from __future__ import annotations
@@ -24,13 +25,75 @@ import os
 import signal
 import sys
 import threading
+import time
+from dataclasses import dataclass
 from typing import Any
 
+from llmstack.workers.backends.base import BackendInfo
 from llmstack.workers.protocol import WorkerOptions
 
 logger = logging.getLogger("llmstack.workers.model_process")
 
 _PR_SET_PDEATHSIG = 1
+# Seconds to wait for the model process to load the model and say it is ready.
+LOAD_TIMEOUT_S = 3600.0
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the model loop tells the front end once the model is loaded."""
+
+    max_batch_size: int
+    max_model_len: int
+    eos_token_ids: list[int]
+    info: BackendInfo
+    # Rows of the embedding: token ids at or above it are out of vocabulary.
+    vocab_size: int
+
+
+class ModelProcess:
+    """The child process that loads the model and runs the scheduler (multiprocessing, spawn), and the two
+    one-way pipes to it: `requests` (this process sends) and `updates` (this process reads)."""
+
+    def __init__(self, options: WorkerOptions) -> None:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        inbox, self.requests = context.Pipe(duplex=False)
+        self.updates, outbox = context.Pipe(duplex=False)
+        self.process = context.Process(
+            target=main, args=(inbox, outbox, options), name="llmstack-model", daemon=True
+        )
+        self.process.start()
+        inbox.close()
+        outbox.close()
+
+    def wait_ready(self, timeout_s: float = LOAD_TIMEOUT_S) -> ModelFacts:
+        """Block until the model is loaded; RuntimeError with the reason if it could not be."""
+        deadline = time.monotonic() + timeout_s
+        while not self.updates.poll(0.5):
+            if not self.process.is_alive():
+                raise RuntimeError(
+                    f"the model process exited with status {self.process.exitcode} while loading"
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the model was not loaded after {timeout_s:.0f} s")
+        kind, payload = self.updates.recv()
+        if kind == "error":
+            self.process.join(10)
+            raise RuntimeError(payload)
+        assert kind == "ready", kind
+        return payload
+
+    def stop(self, tell: bool = True) -> None:
+        """`tell`: send the stop message here (False: the caller's writer has sent it)."""
+        if tell:
+            with contextlib.suppress(OSError, ValueError):
+                self.requests.send(("stop", None))
+        self.process.join(10)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)
 
 
 def main(inbox: Any, outbox: Any, options: WorkerOptions) -> None:
@@ -46,7 +109,6 @@ def main(inbox: Any, outbox: Any, options: WorkerOptions) -> None:
     )
     from llmstack.workers.backends.loader import BackendError, load
     from llmstack.workers.detokenizer import decoders_for
-    from llmstack.workers.engine_client import EngineFacts
     from llmstack.workers.scheduler import Scheduler
 
     try:
@@ -70,10 +132,10 @@ def main(inbox: Any, outbox: Any, options: WorkerOptions) -> None:
         decoders_for(loaded.tokenizer),
         loaded.eos_token_ids,
         publish=publish,
-        # The server process detokenizes the rest (ProcessEngine), on the other core.
+        # The server process detokenizes the rest (ProcessModelClient), on the other core.
         text_for_stops_only=True,
     )
-    facts = EngineFacts(
+    facts = ModelFacts(
         options.max_batch_size,
         loaded.max_model_len,
         loaded.eos_token_ids,
