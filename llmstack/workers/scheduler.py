@@ -12,9 +12,9 @@ The scheduler runs in the model process (`model_process.py`) or in a thread of t
 In the model process it detokenizes only the sequences that have stop strings (their text decides when
 they stop); the others' updates carry token ids, and the server process turns them into text, on the
 other core, as vLLM's V1 engine does (`text_for_stops_only`). It never touches asyncio objects or HTTP,
-and the front end never touches the backend. Requests carry their
-own sampling parameters and stop conditions, so any mix shares a forward pass. Admission limits (how many
-may wait) are the front end's: it answers 503 before a request gets here.
+and the front end never touches the backend. Requests carry their own sampling parameters and stop
+conditions, so any mix shares a forward pass. Admission limits (how many may wait) are the front end's:
+it answers 503 before a request gets here.
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ the launches from the decode step:
 
 The arithmetic is transformers' Llama/Mistral/Qwen2 code operation for operation (RMSNorm in float32 then
 cast, rotary as q*cos + rotate_half(q)*sin with the model's own cos/sin table, SiLU-gated MLP), on the
-checkpoint's own weights, with Q/K/V and gate/up concatenated into one matmul each. Without CUDA (CPU,
+checkpoint's own weights, with Q/K/V and gate/up concatenated into one matmul each (`layers.py`, shared
+with `fused`, as is the slot bookkeeping). Without CUDA (CPU,
 XPU) the same step functions run eagerly; `static_shapes=True` pads them to the buckets as on CUDA, which
 the CPU tests use to check the graph-shaped path.
 """

@@ -11,7 +11,8 @@ arithmetic as transformers' Llama/Mistral/Qwen2 code, on the checkpoint's own we
   - decode attention reads grouped-query heads without repeating K/V: the query heads that share a KV head
     are laid out as that head's queries ([B, kv_heads, group, head_dim] against [B, kv_heads, L, head_dim]),
     with a per-row length mask.
-Static shapes per batch size make this the natural base for CUDA graphs on GPUs.
+The fused layers, the rotary table and the slots come from `layers.py` (shared with `fast_llama`); on CPU
+in float32 attention runs in llmstack's C kernel (`cpu_kernels.py`).
 """
 
 from __future__ import annotations
