@@ -120,7 +120,7 @@ class Session:
         return self.summary
 
     def _run(self) -> None:
-        from llmstack.bench.phase import needs_server
+        from llmstack.phases.registry import needs_server
         from llmstack.serving.supervisor import ServerProcess
 
         self._enter("model")
@@ -181,7 +181,7 @@ class Session:
 
     def _prepare_benchmark(self) -> Any:
         """The benchmark phase with its prompts built, before anything starts (a bad dataset fails here)."""
-        from llmstack.bench.phase import prepare_phase
+        from llmstack.phases.registry import prepare_phase
 
         if self.run.benchmark.phase == "none":
             return None
@@ -228,7 +228,7 @@ def describe_unexpected(exc: BaseException) -> str:
 
 
 def render_dry_run(run: RunConfig, plan: LaunchPlan) -> str:
-    from llmstack.bench.phase import needs_server
+    from llmstack.phases.registry import needs_server
 
     lines = [
         f"# llmstack dry run: {plan.engine}, model={run.model.name}, low_bit={run.low_bit.name}, "
@@ -241,7 +241,7 @@ def render_dry_run(run: RunConfig, plan: LaunchPlan) -> str:
     if not needs_server(run.benchmark.phase):
         lines.append(
             f"# benchmark={run.benchmark.name} starts no server: it runs `{plan.interpreter} -m "
-            "llmstack.bench.offline` with the engine arguments above (not --host/--port) in-process."
+            "llmstack.phases.offline_process` with the engine arguments above (not --host/--port) in-process."
         )
     from llmstack.config.memory import estimate
 

@@ -12,19 +12,16 @@ from omegaconf.errors import ConfigAttributeError
 
 from llmstack.cli import CONFIG_DIR
 from llmstack.config import compose_cache
-from llmstack.config.benchmark_rules import benchmark_problems
 from llmstack.config.resolve import resolve, to_run_config
-from llmstack.config.schema import (
-    BENCHMARK_SCHEMAS,
-    BenchmarkConfig,
-    MultimodalBenchmarkConfig,
-    OfflineThroughputConfig,
-    OnlineBenchmarkConfig,
-    RpsBenchmarkConfig,
-)
+from llmstack.config.schema import BenchmarkConfig
 from llmstack.config.validate import validate
 from llmstack.devices import Inventory
 from llmstack.errors import ConfigError
+from llmstack.phases.multimodal import MultimodalBenchmarkConfig
+from llmstack.phases.offline_throughput import OfflineThroughputConfig
+from llmstack.phases.online import OnlineBenchmarkConfig
+from llmstack.phases.registry import BENCHMARK_SCHEMAS, benchmark_problems
+from llmstack.phases.rps import RpsBenchmarkConfig
 
 CPU_ONLY = Inventory()
 PHASE_OF_OPTION = {

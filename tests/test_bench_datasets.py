@@ -13,14 +13,15 @@ import pytest
 from llmstack.bench.datasets import (
     fixed_samples,
     jsonl_samples,
-    load_samples,
     random_lengths,
     random_samples,
     sharegpt_samples,
 )
+from llmstack.bench.errors import BenchInputError
 from llmstack.bench.fixed_text import PARAGRAPHS, fixed_text
 from llmstack.bench.prompts import exact_prompts, load_tokenizer, random_prompts, truncated_prompt
 from llmstack.errors import BenchmarkError
+from llmstack.phases.samples import load_samples
 
 
 @pytest.fixture(scope="module")
@@ -198,13 +199,13 @@ def test_sharegpt_total_limit_is_capped_at_the_served_context(tokenizer: Any, sh
 def test_sharegpt_errors_are_clear(tokenizer: Any, tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    with pytest.raises(BenchmarkError, match="cannot read the ShareGPT file"):
+    with pytest.raises(BenchInputError, match="cannot read the ShareGPT file"):
         sharegpt_samples(bad, tokenizer, 1, seed=0)
     bad.write_text(json.dumps({"conversations": []}))
-    with pytest.raises(BenchmarkError, match="not a list"):
+    with pytest.raises(BenchInputError, match="not a list"):
         sharegpt_samples(bad, tokenizer, 1, seed=0)
     bad.write_text(json.dumps([conversation("hi", "yo")]))
-    with pytest.raises(BenchmarkError, match="passes the ShareGPT filter"):
+    with pytest.raises(BenchInputError, match="passes the ShareGPT filter"):
         sharegpt_samples(bad, tokenizer, 1, seed=0)
 
 
@@ -244,7 +245,7 @@ def test_jsonl_rows_in_order_with_default_output_len(tokenizer: Any, tmp_path: P
 def test_jsonl_errors_name_the_line(tmp_path: Path, content: str, message: str) -> None:
     path = tmp_path / "p.jsonl"
     path.write_text(content)
-    with pytest.raises(BenchmarkError, match=message):
+    with pytest.raises(BenchInputError, match=message):
         jsonl_samples(path, None, 2, 8)
 
 

@@ -14,8 +14,9 @@ import pytest
 
 from llmstack.bench.metrics import request_metrics, summarize
 from llmstack.bench.openai import apply_sse_events
-from llmstack.bench.records import RequestRecord, dump_records, load_records
-from llmstack.bench.report import format_load_level, format_seed_report, format_table
+from llmstack.bench.records import RequestRecord, load_records
+from llmstack.phases.common import dump_records
+from llmstack.results.text_report import format_load_level, format_seed_report, format_table
 
 
 def streamed(
@@ -347,7 +348,7 @@ def test_summary_is_strict_json_and_has_vllm_keys() -> None:
 
 def test_metrics_and_loadgen_do_not_import_numpy_at_import_time() -> None:
     code = (
-        "import sys, llmstack.bench.loadgen, llmstack.bench.metrics, llmstack.bench.report;"
+        "import sys, llmstack.bench.loadgen, llmstack.bench.metrics, llmstack.results.text_report;"
         "sys.exit('numpy' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

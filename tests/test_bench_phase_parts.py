@@ -16,18 +16,18 @@ from pathlib import Path
 
 import pytest
 
+from llmstack.bench.errors import BenchInputError
 from llmstack.bench.images import image_mime_type, image_url
 from llmstack.bench.loadgen import completed_by, run_load_sync
-from llmstack.bench.phases.common import request_payload
-from llmstack.bench.phases.offline_throughput import (
+from llmstack.errors import BenchmarkError, EngineError
+from llmstack.phases.common import client_errors, request_payload
+from llmstack.phases.offline_throughput import (
     engine_args,
     format_report,
     offline_plan,
     throughput_result,
 )
-from llmstack.bench.phases.online import levels_of
-from llmstack.config.schema import OnlineBenchmarkConfig
-from llmstack.errors import BenchmarkError, EngineError
+from llmstack.phases.online import OnlineBenchmarkConfig, levels_of
 from llmstack.serving.plan import LaunchPlan, ReadyProbe
 from llmstack.serving.supervisor import run_to_completion
 from tests.bench_instrument import instrument
@@ -80,10 +80,13 @@ def test_image_type_by_signature_then_name(data: bytes, name: str, mime: str | N
 def test_urls_pass_through_and_bad_files_are_clear_errors(tmp_path: Path) -> None:
     for url in ("https://example.com/cat.png", "http://h/x.jpg", "data:image/png;base64,AAAA"):
         assert image_url(url) == url
-    with pytest.raises(BenchmarkError, match="cannot read the image"):
+    # The client's own error; a phase reports it as BenchmarkError (exit 4) with the same message.
+    with pytest.raises(BenchInputError, match="cannot read the image"):
         image_url(str(tmp_path / "missing.png"))
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(BenchmarkError, match="not an image"):
+    with pytest.raises(BenchInputError, match="not an image"):
+        image_url(str(tmp_path / "notes.txt"))
+    with pytest.raises(BenchmarkError, match="not an image"), client_errors():
         image_url(str(tmp_path / "notes.txt"))
 
 
@@ -199,7 +202,7 @@ def test_offline_plan_keeps_interpreter_and_environment(tmp_path: Path) -> None:
 
     plan = offline_plan(server_plan(), tmp_path / "spec.json")
     spec = str(tmp_path / "spec.json")
-    assert plan.argv == ("/venv/bin/python", "-m", "llmstack.bench.offline", "--spec", spec)
+    assert plan.argv == ("/venv/bin/python", "-m", "llmstack.phases.offline_process", "--spec", spec)
     assert plan.env["VLLM_CPU_KVCACHE_SPACE"] == "2"
     source_root = str(Path(llmstack.__file__).resolve().parent.parent)
     assert plan.env["PYTHONPATH"].split(os.pathsep)[0] == source_root
@@ -209,7 +212,7 @@ def test_offline_plan_keeps_interpreter_and_environment(tmp_path: Path) -> None:
 def test_the_offline_module_needs_only_the_standard_library_to_start() -> None:
     # The engine's interpreter may be a venv without llmstack's dependencies.
     probe = (
-        "import sys, llmstack.bench.offline\n"
+        "import sys, llmstack.phases.offline_process\n"
         "heavy = {'hydra', 'omegaconf', 'numpy', 'httpx', 'tokenizers', 'vllm', 'torch'}\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))"
     )
@@ -269,12 +272,12 @@ def test_run_to_completion_times_out_and_stops_the_group(tmp_path: Path) -> None
 
 
 def test_offline_phase_spec_from_a_composed_run(compose_cfg, tmp_path: Path) -> None:
-    from llmstack.bench.phase import prepare_phase
     from llmstack.cli import CONFIG_DIR
     from llmstack.config.resolve import resolve, to_run_config
     from llmstack.devices import Inventory
     from llmstack.engines import get_engine
     from llmstack.models.tiny import ensure_tiny_model
+    from llmstack.phases.registry import prepare_phase
     from llmstack.results.rundir import RunDir
 
     ensure_tiny_model()
@@ -336,7 +339,7 @@ def test_ctrl_c_while_running_to_completion_stops_the_group(tmp_path: Path) -> N
 
 
 def test_ipex_low_bit_goes_to_the_llm_class_by_name() -> None:
-    from llmstack.bench.offline import split_low_bit
+    from llmstack.phases.offline_process import split_low_bit
 
     argv = ["--model", "/m", "--device", "xpu", "--load-in-low-bit", "fp8", "--dtype", "float16"]
     assert split_low_bit(argv) == (["--model", "/m", "--device", "xpu", "--dtype", "float16"], "fp8")

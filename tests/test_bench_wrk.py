@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from llmstack.bench.phases.rps import side_by_side
 from llmstack.bench.wrk import (
     API_KEY_ENV,
     ERROR_LOG,
@@ -18,6 +17,7 @@ from llmstack.bench.wrk import (
     run_wrk,
     wrk_command,
 )
+from llmstack.phases.rps import side_by_side
 from tests.bench_instrument import instrument
 
 pytestmark = pytest.mark.timeout(120)

@@ -15,8 +15,8 @@
 - jsonl: one JSON object per line, {"prompt": str, "output_len": int (optional)}; other keys and blank lines
   are ignored. The file is used in order, from the top, and repeated when more samples are needed.
 
-Samples never exceed the served context: sharegpt's total limit is capped at it, and other datasets are
-checked by the config rules or here.
+Which dataset a benchmark config names, and that its samples fit the served context, is the phases'
+business (`llmstack.phases.samples`).
 """
 
 from __future__ import annotations
@@ -25,18 +25,16 @@ import json
 import logging
 import math
 import random
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmstack.errors import BenchmarkError
+from llmstack.bench.errors import BenchInputError
 
 __all__ = [
     "Sample",
     "fixed_samples",
     "jsonl_samples",
-    "load_samples",
     "random_lengths",
     "random_samples",
     "sharegpt_samples",
@@ -54,39 +52,6 @@ class Sample:
     input_tokens: int | None
     # max_tokens asked for.
     output_len: int
-
-
-def load_samples(bench: Any, tokenizer: Any | None, count: int, context: int | None) -> list[Sample]:
-    """`count` samples from the dataset a benchmark config names (online or offline_throughput)."""
-    samples = _load(bench, tokenizer, count, context)
-    fit_context(samples, context, f"dataset {bench.dataset}")
-    return samples
-
-
-def _load(bench: Any, tokenizer: Any | None, count: int, context: int | None) -> list[Sample]:
-    if bench.dataset == "random":
-        return random_samples(
-            tokenizer, count, bench.input_len, bench.output_len, bench.range_ratio, bench.seed
-        )
-    if bench.dataset == "fixed":
-        return fixed_samples(tokenizer, count, bench.input_len, bench.output_len)
-    if bench.dataset == "sharegpt":
-        max_total = bench.sharegpt_max_total_len
-        if context is not None and context < max_total:
-            logger.info("sharegpt: prompt + reply capped at the served context, %d tokens", context)
-            max_total = context
-        return sharegpt_samples(
-            bench.dataset_path,
-            tokenizer,
-            count,
-            seed=bench.seed,
-            max_input_len=bench.sharegpt_max_input_len,
-            max_total_len=max_total,
-            output_len=bench.output_len if bench.sharegpt_fixed_output_len else None,
-        )
-    if bench.dataset == "jsonl":
-        return jsonl_samples(bench.dataset_path, tokenizer, count, bench.output_len)
-    raise BenchmarkError(f"unknown dataset {bench.dataset!r}")
 
 
 def random_lengths(
@@ -147,14 +112,14 @@ def sharegpt_samples(
     output_len: int | None = None,
 ) -> list[Sample]:
     if tokenizer is None:
-        raise BenchmarkError("the sharegpt dataset needs the model's tokenizer (tokenizer.json) to filter")
+        raise BenchInputError("the sharegpt dataset needs the model's tokenizer (tokenizer.json) to filter")
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
     except (OSError, ValueError) as exc:
-        raise BenchmarkError(f"cannot read the ShareGPT file {path}: {exc}") from exc
+        raise BenchInputError(f"cannot read the ShareGPT file {path}: {exc}") from exc
     if not isinstance(data, list):
-        raise BenchmarkError(f"{path} is not a ShareGPT file: its top level is not a list of conversations")
+        raise BenchInputError(f"{path} is not a ShareGPT file: its top level is not a list of conversations")
     conversations = [
         entry["conversations"]
         for entry in data
@@ -181,7 +146,7 @@ def sharegpt_samples(
             continue
         samples.append(Sample(prompt, prompt_len, new_output_len))
     if not samples:
-        raise BenchmarkError(
+        raise BenchInputError(
             f"no conversation in {path} passes the ShareGPT filter (two turns, each >= {SHAREGPT_MIN_LEN} "
             f"tokens, prompt <= {max_input_len}, prompt + reply <= {max_total_len})"
         )
@@ -204,14 +169,14 @@ def jsonl_samples(
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as exc:
-        raise BenchmarkError(f"cannot read the JSONL file {path}: {exc}") from exc
+        raise BenchInputError(f"cannot read the JSONL file {path}: {exc}") from exc
     rows: list[Sample] = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         rows.append(_jsonl_row(path, number, line, tokenizer, default_output_len))
     if not rows:
-        raise BenchmarkError(f"{path} has no prompts (one JSON object per line, with a 'prompt' string)")
+        raise BenchInputError(f"{path} has no prompts (one JSON object per line, with a 'prompt' string)")
     if len(rows) < count:
         logger.info("jsonl: %d prompts in %s, repeated to make %d", len(rows), path, count)
     return [rows[i % len(rows)] for i in range(count)]
@@ -224,23 +189,11 @@ def _jsonl_row(
     try:
         row = json.loads(line)
     except ValueError as exc:
-        raise BenchmarkError(f"{where}: not JSON ({exc})") from exc
+        raise BenchInputError(f"{where}: not JSON ({exc})") from exc
     if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
-        raise BenchmarkError(f"{where}: expected an object with a non-empty 'prompt' string")
+        raise BenchInputError(f"{where}: expected an object with a non-empty 'prompt' string")
     output_len = row.get("output_len", default_output_len)
     if isinstance(output_len, bool) or not isinstance(output_len, int) or output_len < 1:
-        raise BenchmarkError(f"{where}: 'output_len' must be a positive integer, got {output_len!r}")
+        raise BenchInputError(f"{where}: 'output_len' must be a positive integer, got {output_len!r}")
     tokens = len(tokenizer.encode(row["prompt"]).ids) if tokenizer is not None else None
     return Sample(row["prompt"], tokens, output_len)
-
-
-def fit_context(samples: Sequence[Sample], context: int | None, source: str) -> None:
-    """A sample that cannot fit the served context would only fail at the server: say so before sending."""
-    if context is None:
-        return
-    for i, sample in enumerate(samples):
-        if sample.input_tokens is not None and sample.input_tokens + sample.output_len > context:
-            raise BenchmarkError(
-                f"{source}: sample {i} needs {sample.input_tokens} prompt + {sample.output_len} output "
-                f"tokens, more than the served context engine.max_model_len={context}"
-            )

@@ -6,7 +6,7 @@ import base64
 import mimetypes
 from pathlib import Path
 
-from llmstack.errors import BenchmarkError
+from llmstack.bench.errors import BenchInputError
 
 __all__ = ["image_mime_type", "image_url"]
 
@@ -28,10 +28,12 @@ def image_url(image: str) -> str:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise BenchmarkError(f"cannot read the image {image}: {exc}") from exc
+        raise BenchInputError(f"cannot read the image {image}: {exc}") from exc
     mime = image_mime_type(data, path.name)
     if mime is None:
-        raise BenchmarkError(f"{image} is not an image this benchmark recognises (PNG, JPEG, GIF, WebP, BMP)")
+        raise BenchInputError(
+            f"{image} is not an image this benchmark recognises (PNG, JPEG, GIF, WebP, BMP)"
+        )
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 

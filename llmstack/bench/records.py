@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["RequestRecord", "dump_records", "iter_records", "load_records"]
+__all__ = ["RequestRecord", "iter_records", "load_records", "records_jsonl"]
 
 
 @dataclass(slots=True)
@@ -75,15 +75,11 @@ class RequestRecord:
         return cls(**{k: v for k, v in data.items() if k in known})  # type: ignore[arg-type]
 
 
-def dump_records(path: str | os.PathLike[str], records: Iterable[RequestRecord]) -> None:
-    """Write one JSON object per line, atomically (a reader never sees half a file)."""
-    target = Path(path)
-    tmp = target.with_name(target.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for record in records:
-            fh.write(json.dumps(record.to_dict(), ensure_ascii=False, separators=(",", ":")))
-            fh.write("\n")
-    os.replace(tmp, target)
+def records_jsonl(records: Iterable[RequestRecord]) -> str:
+    """One JSON object per line (`requests.jsonl`); writing it is the caller's business."""
+    return "".join(
+        json.dumps(record.to_dict(), ensure_ascii=False, separators=(",", ":")) + "\n" for record in records
+    )
 
 
 def iter_records(path: str | os.PathLike[str]) -> Iterator[RequestRecord]:

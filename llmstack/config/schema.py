@@ -191,147 +191,14 @@ ENGINE_SCHEMAS: dict[str, type] = {"vllm": VllmEngineConfig, "lightweight": Ligh
 
 @dataclass
 class BenchmarkConfig:
-    """Base of every benchmark phase's schema. `phase` picks the code that runs (BENCHMARK_SCHEMAS); `name`
-    is the option's own name (smoke and online are both the online phase). Seed defaults and every knob are
-    documented in configs/benchmark/*.yaml."""
+    """Base of every benchmark phase's schema; each phase's own lives beside its code in llmstack/phases/
+    (`llmstack.phases.registry.BENCHMARK_SCHEMAS`). `phase` picks the code that runs; `name` is the option's
+    own name (smoke and online are both the online phase). Seed defaults and every knob are documented in
+    configs/benchmark/*.yaml."""
 
     name: str = "none"
     # none: serve until interrupted. online | multimodal | rps | offline_throughput: see their schemas.
     phase: str = "none"
-
-
-@dataclass
-class SloConfig:
-    """Service-level objectives for goodput (DistServe, as vLLM's --goodput): a request is good when every
-    given limit holds. None: no limit on that metric; all None: no goodput."""
-
-    ttft_ms: Optional[float] = None
-    tpot_ms: Optional[float] = None
-    e2el_ms: Optional[float] = None
-
-
-@dataclass
-class HttpBenchmarkConfig(BenchmarkConfig):
-    """What every phase that sends requests to the live server shares."""
-
-    # Requests sent before measuring (same load shape), excluded from the results.
-    warmup_requests: int = 2
-    output_len: int = 32
-    # vLLM's sampling extensions: generate exactly max_tokens (no early stop at end-of-sequence).
-    ignore_eos: bool = True
-    # None: each request's own output length while ignore_eos is on, not sent otherwise; 0: never sent.
-    min_tokens: Optional[int] = None
-    temperature: float = 0.0
-    # Dataset sampling and the open-loop arrival schedule.
-    seed: int = 0
-    # A request that has not finished after this many seconds counts as failed.
-    timeout_s: float = 600.0
-    slo: SloConfig = field(default_factory=SloConfig)
-    # Percentiles reported for every latency metric (mean, median and std always are).
-    percentiles: list[float] = field(default_factory=lambda: [50.0, 90.0, 95.0, 99.0])
-
-
-@dataclass
-class OnlineBenchmarkConfig(HttpBenchmarkConfig):
-    phase: str = "online"
-    # completions | chat
-    endpoint: str = "completions"
-    stream: bool = True
-    # Closed-loop load levels (requests in flight), run in order against the same server; used when
-    # request_rate is empty.
-    concurrency: list[int] = field(default_factory=lambda: [4])
-    # Open-loop load levels in requests/s (each a level, in order); empty: closed loop.
-    request_rate: list[float] = field(default_factory=list)
-    # Gamma shape of the open-loop arrival gaps: 1 = Poisson, < 1 burstier, inf = evenly spaced.
-    burstiness: float = 1.0
-    # Open loop only: at most this many requests in flight; the wait is reported as client queue time.
-    max_concurrency: Optional[int] = None
-    # Measured requests per level. With duration_s: the size of the prompt pool cycled through.
-    num_prompts: int = 16
-    # Run each level this long instead of num_prompts requests (open loop: rate x duration requests).
-    duration_s: Optional[float] = None
-    # random | fixed | sharegpt | jsonl
-    dataset: str = "random"
-    # The file for sharegpt (JSON) and jsonl (one {"prompt": ..., "output_len": ...} per line).
-    dataset_path: Optional[str] = None
-    input_len: int = 32
-    # random: lengths uniform in [len*(1-r), len*(1+r)], as vLLM's random dataset.
-    range_ratio: float = 0.0
-    # sharegpt: the seed's and vLLM's filter (prompt and reply >= 4 tokens, prompt <= 1024, sum <= 2048).
-    sharegpt_max_input_len: int = 1024
-    sharegpt_max_total_len: int = 2048
-    # sharegpt: ask every request for output_len tokens instead of its reply's length.
-    sharegpt_fixed_output_len: bool = False
-
-
-@dataclass
-class MultimodalBenchmarkConfig(HttpBenchmarkConfig):
-    phase: str = "multimodal"
-    # An http(s) URL (sent as is), a data: URL, or a local file (sent as a base64 data URL). Required.
-    image: Optional[str] = None
-    # The text part. None: "What is in the image?", or with input_len the fixed text cut to that many tokens.
-    prompt: Optional[str] = None
-    input_len: Optional[int] = None
-    output_len: int = 100
-    stream: bool = True
-    concurrency: list[int] = field(default_factory=lambda: [1])
-    num_prompts: int = 8
-
-
-@dataclass
-class RpsBenchmarkConfig(HttpBenchmarkConfig):
-    phase: str = "rps"
-    # The fixed prompt: our fixed text cut to this many tokens (the seed's payload is about 1024).
-    input_len: int = 1024
-    output_len: int = 128
-    temperature: float = 0.5
-    # Closed-loop connections, each sending the next request when the previous one ends, for duration_s.
-    connections: int = 12
-    duration_s: float = 60.0
-    # auto: also run wrk with the same payload when it is on PATH; never; always (an error without wrk).
-    wrk: str = "auto"
-    # wrk -t; None: min(connections, CPUs).
-    wrk_threads: Optional[int] = None
-    # wrk --timeout. wrk sizes its latency histogram by it (8 bytes per microsecond: 60 s = 480 MB of
-    # address space), so it has its own, smaller limit than timeout_s.
-    wrk_timeout_s: float = 60.0
-    timeout_s: float = 3600.0
-    percentiles: list[float] = field(default_factory=lambda: [50.0, 75.0, 90.0, 99.0])
-
-
-@dataclass
-class OfflineThroughputConfig(BenchmarkConfig):
-    """vLLM's in-process engine (no server), like vLLM's benchmark_throughput.py."""
-
-    phase: str = "offline_throughput"
-    # random | fixed | sharegpt | jsonl
-    dataset: str = "random"
-    dataset_path: Optional[str] = None
-    num_prompts: int = 1000
-    input_len: int = 128
-    output_len: int = 128
-    range_ratio: float = 0.0
-    sharegpt_max_input_len: int = 1024
-    sharegpt_max_total_len: int = 2048
-    sharegpt_fixed_output_len: bool = False
-    # Prompts generated (untimed) after the model loads, so warm-up costs stay out of the measurement.
-    warmup_requests: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    ignore_eos: bool = True
-    seed: int = 0
-    # The whole process (load, warm-up, measurement) is stopped after this many seconds.
-    timeout_s: float = 3600.0
-
-
-# benchmark.phase -> its schema; the benchmark group's YAMLs start from these.
-BENCHMARK_SCHEMAS: dict[str, type] = {
-    "none": BenchmarkConfig,
-    "online": OnlineBenchmarkConfig,
-    "multimodal": MultimodalBenchmarkConfig,
-    "rps": RpsBenchmarkConfig,
-    "offline_throughput": OfflineThroughputConfig,
-}
 
 
 @dataclass
@@ -340,8 +207,9 @@ class RunConfig:
     model: ModelConfig = MISSING
     low_bit: LowBitConfig = MISSING
     device: DeviceConfig = MISSING
-    # One of BENCHMARK_SCHEMAS, chosen by the benchmark group option.
-    benchmark: Any = MISSING
+    # A phase's subclass (llmstack/phases/), chosen by the benchmark group option: OmegaConf keeps the
+    # subclass a group option's schema merges into this base-typed node.
+    benchmark: BenchmarkConfig = MISSING
     # Print the launch plan (command, environment) and stop; nothing starts.
     dry_run: bool = False
     # results/<experiment_name>/<run_name>/

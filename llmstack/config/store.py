@@ -5,7 +5,6 @@ from __future__ import annotations
 from hydra.core.config_store import ConfigStore
 
 from llmstack.config.schema import (
-    BENCHMARK_SCHEMAS,
     ENGINE_SCHEMAS,
     DeviceConfig,
     LowBitConfig,
@@ -28,5 +27,8 @@ def register_schemas() -> None:
     cs.store(group="schema/model", name="model", node=ModelConfig)
     cs.store(group="schema/low_bit", name="low_bit", node=LowBitConfig)
     cs.store(group="schema/device", name="device", node=DeviceConfig)
+    # Each phase's schema lives beside the phase (llmstack/phases/); the registry lists them.
+    from llmstack.phases.registry import BENCHMARK_SCHEMAS
+
     for phase, schema in BENCHMARK_SCHEMAS.items():
         cs.store(group="schema/benchmark", name=phase, node=schema)

@@ -150,13 +150,13 @@ def module_available(python: str, module: str) -> bool:
 
 
 def _needs_server(run: RunConfig) -> bool:
-    from llmstack.bench.phase import needs_server
+    from llmstack.phases.registry import needs_server
 
     return needs_server(run.benchmark.phase)
 
 
 def _benchmark_host_problems(run: RunConfig) -> Iterator[ConfigError]:
-    from llmstack.config.benchmark_rules import benchmark_host_problems
+    from llmstack.phases.registry import benchmark_host_problems
 
     yield from benchmark_host_problems(run)
 
@@ -233,7 +233,7 @@ def _memory_problems(run: RunConfig, config_dir: Path) -> Iterator[ConfigError]:
 
 
 def _benchmark_problems(run: RunConfig) -> Iterator[ConfigError]:
-    # One rule per knob of each phase's schema; they live beside each other in benchmark_rules.py.
-    from llmstack.config.benchmark_rules import benchmark_problems
+    # One rule per knob of each phase's schema; each phase's rules live beside it in llmstack/phases/.
+    from llmstack.phases.registry import benchmark_problems
 
     yield from benchmark_problems(run)

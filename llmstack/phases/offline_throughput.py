@@ -1,8 +1,8 @@
 """The offline_throughput phase (replaces benchmark_vllm_throughput.py): vLLM's in-process engine, no server.
 
 The prompts are built here, with the same datasets as the online phase; the measurement runs in its own
-process, `engine.python -m llmstack.bench.offline --spec offline-spec.json` (see that module), with the
-engine plan's arguments (model, low_bit's dtype/quantization, parallelism, max_num_seqs, ...) and
+process, `engine.python -m llmstack.phases.offline_process --spec offline-spec.json` (see that module), with
+the engine plan's arguments (model, low_bit's dtype/quantization, parallelism, max_num_seqs, ...) and
 environment (VLLM_CPU_KVCACHE_SPACE on CPU, device selection, extra_env). That process is supervised like a
 server: its output goes to offline.log, and Ctrl-C, SIGTERM or `timeout_s` stop its whole process group.
 
@@ -15,14 +15,19 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from llmstack.bench.phases.common import PhaseContext, load_tokenizer, provenance
-from llmstack.config.schema import OfflineThroughputConfig
-from llmstack.errors import BenchmarkError, EngineError
+from llmstack.config.schema import BenchmarkConfig, RunConfig
+from llmstack.errors import BenchmarkError, ConfigError, EngineError
+from llmstack.phases.common import PhaseContext, load_tokenizer, provenance
+from llmstack.phases.http_options import at_least, positive_seconds, served_context
+from llmstack.phases.samples import dataset_host_problems, dataset_problems, load_samples
 from llmstack.serving.plan import LaunchPlan
 
 logger = logging.getLogger(__name__)
@@ -38,6 +43,57 @@ HEADLINE_KEYS = (
     "elapsed_time", "num_requests", "total_num_tokens", "requests_per_second", "tokens_per_second",
     "output_tokens_per_second", "total_input_tokens", "total_output_tokens",
 )  # fmt: skip
+
+
+@dataclass
+class OfflineThroughputConfig(BenchmarkConfig):
+    """vLLM's in-process engine (no server), like vLLM's benchmark_throughput.py."""
+
+    phase: str = "offline_throughput"
+    # random | fixed | sharegpt | jsonl
+    dataset: str = "random"
+    dataset_path: Optional[str] = None
+    num_prompts: int = 1000
+    input_len: int = 128
+    output_len: int = 128
+    range_ratio: float = 0.0
+    sharegpt_max_input_len: int = 1024
+    sharegpt_max_total_len: int = 2048
+    sharegpt_fixed_output_len: bool = False
+    # Prompts generated (untimed) after the model loads, so warm-up costs stay out of the measurement.
+    warmup_requests: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    ignore_eos: bool = True
+    seed: int = 0
+    # The whole process (load, warm-up, measurement) is stopped after this many seconds.
+    timeout_s: float = 3600.0
+
+
+CONFIG = OfflineThroughputConfig
+
+
+def problems(run: RunConfig, b: OfflineThroughputConfig) -> Iterator[ConfigError]:
+    if run.engine.name != "vllm":
+        yield ConfigError(
+            "benchmark",
+            b.name,
+            f"runs vLLM's in-process engine; engine={run.engine.name} has none.",
+            hint="Use engine=vllm or engine=vllm_ipex, or an online benchmark against this engine.",
+        )
+    yield from at_least("benchmark.num_prompts", b.num_prompts, 1)
+    yield from at_least("benchmark.warmup_requests", b.warmup_requests, 0)
+    yield from at_least("benchmark.output_len", b.output_len, 1)
+    if not (b.temperature >= 0 and math.isfinite(b.temperature)):
+        yield ConfigError("benchmark.temperature", b.temperature, "must be 0 (greedy) or more.")
+    if not 0 < b.top_p <= 1:
+        yield ConfigError("benchmark.top_p", b.top_p, "is a probability mass, in (0, 1].")
+    yield from positive_seconds("benchmark.timeout_s", b.timeout_s)
+    yield from dataset_problems(b, served_context(run))
+
+
+def host_problems(run: RunConfig, b: OfflineThroughputConfig) -> Iterator[ConfigError]:
+    yield from dataset_host_problems(b)
 
 
 def prepare(ctx: PhaseContext) -> OfflineThroughputPhase:
@@ -75,7 +131,7 @@ def offline_plan(plan: LaunchPlan, spec_path: Path) -> LaunchPlan:
     return dataclasses.replace(
         plan,
         engine=f"{plan.engine} (offline)",
-        argv=(plan.interpreter, "-m", "llmstack.bench.offline", "--spec", str(spec_path)),
+        argv=(plan.interpreter, "-m", "llmstack.phases.offline_process", "--spec", str(spec_path)),
         env=env,
         log_name="offline.log",
     )
@@ -129,8 +185,6 @@ def format_report(result: dict[str, Any]) -> str:
 
 class OfflineThroughputPhase:
     def __init__(self, ctx: PhaseContext) -> None:
-        from llmstack.bench.datasets import load_samples
-
         bench = ctx.run.benchmark
         assert isinstance(bench, OfflineThroughputConfig)
         self.ctx = ctx
@@ -200,7 +254,7 @@ class OfflineThroughputPhase:
 
 
 def _echo(line: str) -> None:
-    from llmstack.bench.offline import PROGRESS_PREFIX
+    from llmstack.phases.offline_process import PROGRESS_PREFIX
 
     if line.startswith(PROGRESS_PREFIX):
         print(f"  [offline] {line[len(PROGRESS_PREFIX) :].strip()}", file=sys.stderr, flush=True)

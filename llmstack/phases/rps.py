@@ -15,42 +15,115 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Any
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from llmstack.bench.phases.common import (
+from llmstack.config.schema import RunConfig
+from llmstack.errors import BenchmarkError, ConfigError
+from llmstack.phases.common import (
     ENDPOINTS,
     Level,
     PhaseContext,
     check_engine,
-    end_progress_line,
-    finish_level,
-    goodput_slos,
     level_rundir,
     load_tokenizer,
-    log_failures,
     request_payload,
-    timed_progress_bar,
-    warm_up,
 )
-from llmstack.config.schema import RpsBenchmarkConfig
-from llmstack.errors import BenchmarkError
+from llmstack.phases.http_options import (
+    HttpBenchmarkConfig,
+    at_least,
+    fits_context,
+    http_problems,
+    positive_seconds,
+    served_context,
+)
+from llmstack.phases.runner import HttpPhase
+
+if TYPE_CHECKING:
+    from llmstack.bench.loadgen import LoadResult
 
 logger = logging.getLogger(__name__)
+
+WRK_CHOICES = ("auto", "never", "always")
+# 600 s of histogram is 4.8 GB of address space already (wrk 4.1: `stats_alloc(timeout_ms * 1000)` uint64s).
+WRK_MAX_TIMEOUT_S = 600.0
+
+
+@dataclass
+class RpsBenchmarkConfig(HttpBenchmarkConfig):
+    phase: str = "rps"
+    # The fixed prompt: our fixed text cut to this many tokens (the seed's payload is about 1024).
+    input_len: int = 1024
+    output_len: int = 128
+    temperature: float = 0.5
+    # Closed-loop connections, each sending the next request when the previous one ends, for duration_s.
+    connections: int = 12
+    duration_s: float = 60.0
+    # auto: also run wrk with the same payload when it is on PATH; never; always (an error without wrk).
+    wrk: str = "auto"
+    # wrk -t; None: min(connections, CPUs).
+    wrk_threads: int | None = None
+    # wrk --timeout. wrk sizes its latency histogram by it (8 bytes per microsecond: 60 s = 480 MB of
+    # address space), so it has its own, smaller limit than timeout_s.
+    wrk_timeout_s: float = 60.0
+    timeout_s: float = 3600.0
+    percentiles: list[float] = field(default_factory=lambda: [50.0, 75.0, 90.0, 99.0])
+
+
+CONFIG = RpsBenchmarkConfig
+
+
+def problems(run: RunConfig, b: RpsBenchmarkConfig) -> Iterator[ConfigError]:
+    # Non-streaming requests: no first token to time.
+    yield from http_problems(b, streamed=False)
+    yield from at_least("benchmark.connections", b.connections, 1)
+    yield from positive_seconds("benchmark.duration_s", b.duration_s)
+    yield from at_least("benchmark.input_len", b.input_len, 1)
+    yield from fits_context(b.input_len, b.output_len, served_context(run))
+    if b.wrk not in WRK_CHOICES:
+        yield ConfigError("benchmark.wrk", b.wrk, "is not a wrk mode.", WRK_CHOICES)
+    if not 0 < b.wrk_timeout_s <= WRK_MAX_TIMEOUT_S:
+        yield ConfigError(
+            "benchmark.wrk_timeout_s",
+            b.wrk_timeout_s,
+            f"must be in (0, {WRK_MAX_TIMEOUT_S:g}] seconds: wrk reserves 8 bytes of memory per microsecond "
+            "of its timeout for its latency histogram.",
+        )
+    if b.wrk_threads is not None and not 1 <= b.wrk_threads <= max(b.connections, 1):
+        yield ConfigError(
+            "benchmark.wrk_threads",
+            b.wrk_threads,
+            f"must be between 1 and benchmark.connections ({b.connections}): wrk gives every thread at "
+            "least one connection.",
+        )
+
+
+def host_problems(run: RunConfig, b: RpsBenchmarkConfig) -> Iterator[ConfigError]:
+    if b.wrk == "always" and shutil.which("wrk") is None:
+        yield ConfigError(
+            "benchmark.wrk",
+            b.wrk,
+            "needs the wrk program, which is not on PATH.",
+            WRK_CHOICES,
+            hint="Install it (Debian/Ubuntu: apt-get install -y wrk) or use benchmark.wrk=auto.",
+        )
 
 
 def prepare(ctx: PhaseContext) -> RpsPhase:
     return RpsPhase(ctx)
 
 
-class RpsPhase:
+class RpsPhase(HttpPhase):
     def __init__(self, ctx: PhaseContext) -> None:
         from llmstack.bench.fixed_text import fixed_text
         from llmstack.bench.prompts import token_counter, truncated_prompt
 
         bench = ctx.run.benchmark
         assert isinstance(bench, RpsBenchmarkConfig)
-        self.ctx = ctx
-        self.bench = bench
+        super().__init__(ctx, bench)
+        self.bench: RpsBenchmarkConfig = bench
         tokenizer = load_tokenizer(ctx)
         self.count_tokens = token_counter(tokenizer)
         self.prompt = truncated_prompt(tokenizer, fixed_text(bench.input_len), bench.input_len)
@@ -65,24 +138,20 @@ class RpsPhase:
             temperature=bench.temperature,
         )
         self.level = Level(f"c{bench.connections}", bench.connections)
+        self.levels = [self.level]
+        self.warmup_payloads = [self.payload] * bench.warmup_requests
+        self.level_dir = level_rundir(ctx, self.level.label)
+        self.extra: dict[str, Any] = {}
+        self.wrk_result: Any = None
         ctx.summary.update({"endpoint": "completions", "levels": []})
 
-    def run(self, server: Any) -> None:
+    def before(self, server: Any) -> None:
         from llmstack.bench import wrk
-        from llmstack.bench.loadgen import completed_by, run_load_sync
 
-        bench, ctx = self.bench, self.ctx
-        endpoint = ENDPOINTS["completions"]
-        level_dir = level_rundir(ctx, self.level.label)
-        level_dir.write_text("payload.lua", wrk.payload_lua(self.payload))
-        warm_up(
-            ctx,
-            server,
-            [self.payload] * bench.warmup_requests,
-            endpoint=endpoint,
-            concurrency=max(1, min(bench.warmup_requests, bench.connections)),
-            timeout_s=bench.timeout_s,
-        )
+        self.level_dir.write_text("payload.lua", wrk.payload_lua(self.payload))
+
+    def measure(self, level: Level, server: Any) -> LoadResult:
+        bench = self.bench
         logger.info(
             "rps: %d connections for %g s, %d prompt tokens, %d output tokens",
             bench.connections,
@@ -90,57 +159,43 @@ class RpsPhase:
             self.prompt.tokens,
             bench.output_len,
         )
-        check_engine(server, f"before load level {self.level.label}")
-        result = run_load_sync(
-            ctx.base_url,
-            [self.payload],
-            endpoint=endpoint,
-            concurrency=bench.connections,
-            duration_s=bench.duration_s,
-            api_key=ctx.api_key,
-            timeout_s=bench.timeout_s,
-            input_lens=[self.prompt.tokens],
-            progress=timed_progress_bar(self.level.label, bench.duration_s),
-            should_stop=ctx.should_stop(server),
+        return self.load(
+            level, server, [self.payload], duration_s=bench.duration_s, input_lens=[self.prompt.tokens]
         )
-        end_progress_line()
+
+    def level_extra(self, level: Level, result: LoadResult, server: Any) -> dict[str, Any]:
+        from llmstack.bench.loadgen import completed_by
+
+        bench = self.bench
         in_time = completed_by(result, result.start + bench.duration_s)
         latencies = [r.done_at - r.sent_at for r in result.records if r.success and r.done_at and r.sent_at]
-        ours_wrk_style = in_time / bench.duration_s
-        wrk_result, wrk_error = self._run_wrk(server, level_dir.path)
-        extra: dict[str, Any] = {
+        self.wrk_result, self.wrk_error = self._run_wrk(server)
+        self.extra = {
             "rps": {
                 "connections": bench.connections,
                 "duration_s": bench.duration_s,
                 "prompt_tokens": self.prompt.tokens,
                 "completed_within_duration": in_time,
-                "requests_per_s_wrk_style": ours_wrk_style,
+                "requests_per_s_wrk_style": in_time / bench.duration_s,
                 "max_e2el_ms": max(latencies) * 1000.0 if latencies else None,
             },
-            "wrk": wrk_result.to_dict() if wrk_result is not None else None,
-            "wrk_error": wrk_error,
+            "wrk": self.wrk_result.to_dict() if self.wrk_result is not None else None,
+            "wrk_error": self.wrk_error,
         }
-        summary = finish_level(
-            ctx,
-            server,
-            self.level,
-            result,
-            count_tokens=self.count_tokens,
-            percentiles=bench.percentiles,
-            slos=goodput_slos(bench),
-            extra=extra,
-        )
-        table = side_by_side(summary, extra["rps"], wrk_result, bench.percentiles)
-        level_dir.write_text("rps.txt", table + "\n")
-        print(table, flush=True)
-        if wrk_error:
-            logger.warning("%s", wrk_error)
-        ctx.summary["levels"][-1]["requests_per_s_wrk_style"] = ours_wrk_style
-        ctx.summary["wrk"] = wrk_result.to_dict() if wrk_result is not None else None
-        ctx.save()
-        log_failures(ctx)
+        return self.extra
 
-    def _run_wrk(self, server: Any, where: Any) -> tuple[Any, str | None]:
+    def after_level(self, level: Level, summary: dict[str, Any]) -> None:
+        ctx, rps = self.ctx, self.extra["rps"]
+        table = side_by_side(summary, rps, self.wrk_result, self.bench.percentiles)
+        self.level_dir.write_text("rps.txt", table + "\n")
+        print(table, flush=True)
+        if self.wrk_error:
+            logger.warning("%s", self.wrk_error)
+        ctx.summary["levels"][-1]["requests_per_s_wrk_style"] = rps["requests_per_s_wrk_style"]
+        ctx.summary["wrk"] = self.extra["wrk"]
+        ctx.save()
+
+    def _run_wrk(self, server: Any) -> tuple[Any, str | None]:
         from llmstack.bench import wrk
 
         bench = self.bench
@@ -161,6 +216,7 @@ class RpsPhase:
             duration_s=bench.duration_s,
             timeout_s=bench.wrk_timeout_s,
         )
+        where = self.level_dir.path
         # wrk stops at the deadline; a minute more covers its start and its summary.
         output, report, error = wrk.run_wrk(
             command,
@@ -169,7 +225,7 @@ class RpsPhase:
             timeout_s=bench.duration_s + bench.wrk_timeout_s + 60,
             should_stop=self.ctx.should_stop(server),
         )
-        (where / "wrk.txt").write_text(" ".join(command) + "\n\n" + output)
+        self.level_dir.write_text("wrk.txt", " ".join(command) + "\n\n" + output)
         return report, error
 
 

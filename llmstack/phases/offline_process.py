@@ -1,13 +1,14 @@
 """The offline throughput measurement, run as its own process under the engine's interpreter:
 
-    python -m llmstack.bench.offline --spec spec.json
+    python -m llmstack.phases.offline_process --spec spec.json
 
 The spec (written by `phases/offline_throughput.py`) holds the engine's own command-line arguments, the
 prompts with their output lengths, the sampling settings and where to write the result. This process loads
 vLLM's in-process engine (`vllm.LLM`, or ipex-llm's `IPEXLLMClass`) from those arguments, generates the
 warm-up prompts (untimed), then all measured prompts in one `generate` call, timed, and writes the token
-counts the engine returned. It imports only the standard library and vLLM: the engine's interpreter may be
-another virtual environment that has no llmstack dependencies.
+counts the engine returned. It imports only the standard library, vLLM and `llmstack.results.files` (itself
+standard library only): the engine's interpreter may be another virtual environment that has no llmstack
+dependencies.
 
 vLLM starts worker processes; on platforms that spawn them, they re-import the main module, hence the
 `if __name__ == "__main__"` guard at the bottom.
@@ -167,25 +168,19 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def write_json_atomically(path: str, data: dict[str, Any]) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m llmstack.bench.offline", description="Offline throughput of vLLM's in-process engine."
+        prog="python -m llmstack.phases.offline_process",
+        description="Offline throughput of vLLM's in-process engine.",
     )
     parser.add_argument("--spec", required=True, help="the JSON spec written by the offline_throughput phase")
     args = parser.parse_args(argv)
     with open(args.spec, encoding="utf-8") as fh:
         spec = json.load(fh)
     result = run(spec)
-    write_json_atomically(spec["result_path"], result)
+    from llmstack.results.files import write_json_atomic
+
+    write_json_atomic(spec["result_path"], result)
     say(f"done: {result['num_requests']} prompts in {result['elapsed_time']:.2f} s")
     return 0
 

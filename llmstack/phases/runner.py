@@ -1,4 +1,5 @@
-"""What the phases that measure the live server share: request payloads, warm-up, and one load level's output.
+"""The one runner of the phases that load the live server (online, multimodal, rps): warm-up, then each load
+level in turn (engine check, measure, write the level's files), then the table of all levels.
 
 Every level writes `bench-<label>/result.json` (vLLM `bench serve --save-result` keys plus our provenance),
 `requests.jsonl` (every request's timestamps and counts) and `report.txt` (the seed's report), prints its
@@ -8,32 +9,40 @@ A level ends early on a stop signal or when the engine dies. It is then written 
 `"complete": false` with the reason in `cut_short`, without throughputs (its window is not a whole level's),
 and the run stops: Interrupted (exit 128 + signal) or EngineError (exit 3). After every level the engine's
 health is checked, so that a model process that died under a living API server fails the run too.
+
+A phase subclasses `HttpPhase`: it builds its payloads and levels when prepared, and says how one level is
+measured (`measure`); `before`, `level_extra` and `after_level` are its hooks around the shared loop.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-import sys
-import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from llmstack import interrupts
-from llmstack.config.schema import RunConfig
 from llmstack.errors import BenchmarkError, EngineError
-from llmstack.results.rundir import RunDir
-from llmstack.serving.plan import LaunchPlan
+from llmstack.phases.common import (
+    ENDPOINTS,
+    Level,
+    PhaseContext,
+    check_engine,
+    dump_records,
+    end_progress_line,
+    level_rundir,
+    progress_bar,
+    provenance,
+    timed_progress_bar,
+)
+from llmstack.phases.http_options import HttpBenchmarkConfig
 
 if TYPE_CHECKING:
-    from llmstack.bench.loadgen import LoadResult, StopCheck
+    from llmstack.bench.loadgen import LoadResult
     from llmstack.bench.metrics import TokenCounter
 
 logger = logging.getLogger(__name__)
 
-ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 # Keys of each level's summary that summary.json repeats (the full set is in result.json).
 HEADLINE_KEYS = (
     "completed", "failed", "duration", "request_throughput", "request_goodput", "output_throughput",
@@ -48,85 +57,105 @@ RATE_KEYS = (
 )  # fmt: skip
 
 
-def _no_op(*_: object) -> None:
-    return None
+class HttpPhase:
+    """A phase that loads the live server with levels of requests; `run` is the same for all of them."""
 
+    # completions | chat
+    endpoint_name = "completions"
 
-@dataclass
-class PhaseContext:
-    run: RunConfig
-    plan: LaunchPlan
-    rundir: RunDir
-    # summary.json's "benchmark" entry; phases add to it as each level finishes, so that a run that fails
-    # half-way still records what it measured.
-    summary: dict[str, Any]
-    # Writes the run's summary.json now (after each level: a launcher killed later loses nothing measured).
-    save: Callable[[], None] = field(default=_no_op)
-    # Names the run's current phase in summary.json ("warm-up", "benchmark").
-    enter: Callable[[str], None] = field(default=_no_op)
+    def __init__(self, ctx: PhaseContext, bench: HttpBenchmarkConfig) -> None:
+        self.ctx = ctx
+        self.bench = bench
+        self.levels: list[Level] = []
+        self.warmup_payloads: list[dict[str, Any]] = []
+        self.count_tokens: TokenCounter | None = None
 
     @property
-    def base_url(self) -> str:
-        return self.plan.probe.base_url
+    def endpoint(self) -> str:
+        return ENDPOINTS[self.endpoint_name]
 
-    @property
-    def served_name(self) -> str:
-        return self.plan.probe.served_name
+    def run(self, server: Any) -> None:
+        ctx, bench = self.ctx, self.bench
+        self.before(server)
+        widest = max((lvl.concurrency or len(self.warmup_payloads)) for lvl in self.levels)
+        warm_up(
+            ctx,
+            server,
+            self.warmup_payloads,
+            endpoint=self.endpoint,
+            concurrency=max(1, min(len(self.warmup_payloads), widest)),
+            timeout_s=bench.timeout_s,
+        )
+        summaries = []
+        for level in self.levels:
+            check_engine(server, f"before load level {level.label}")
+            result = self.measure(level, server)
+            summary = finish_level(
+                ctx,
+                server,
+                level,
+                result,
+                count_tokens=self.count_tokens,
+                percentiles=bench.percentiles,
+                slos=goodput_slos(bench),
+                extra=self.level_extra(level, result, server),
+                chat=self.endpoint_name == "chat",
+            )
+            self.after_level(level, summary)
+            summaries.append(summary)
+        print_combined_table(ctx, summaries, [lvl.label for lvl in self.levels])
+        log_failures(ctx)
 
-    @property
-    def api_key(self) -> str | None:
-        return self.plan.probe.api_key
+    def measure(self, level: Level, server: Any) -> LoadResult:
+        raise NotImplementedError
 
-    def should_stop(self, server: Any | None) -> StopCheck:
-        """For the load generator: a stop signal, or a server whose main process has exited (every
-        further request would fail at once)."""
-        return interrupts.stop_requested_or((lambda: not server.alive()) if server is not None else None)
+    def before(self, server: Any) -> None:
+        """Before the warm-up."""
 
+    def level_extra(self, level: Level, result: LoadResult, server: Any) -> dict[str, Any] | None:
+        """More of the level's result.json (under `llmstack`), after it was measured."""
+        return None
 
-@dataclass(frozen=True)
-class Level:
-    """One load level: closed loop (`request_rate` inf, `concurrency` workers) or open loop."""
+    def after_level(self, level: Level, summary: dict[str, Any]) -> None:
+        """After the level's files were written and its headline saved."""
 
-    label: str
-    concurrency: int | None
-    request_rate: float = math.inf
+    def load(
+        self,
+        level: Level,
+        server: Any,
+        payloads: Sequence[dict[str, Any]],
+        *,
+        duration_s: float | None = None,
+        quiet: bool = False,
+        **options: Any,
+    ) -> LoadResult:
+        """One level's load through the client, with the progress bar a terminal shows (unless `quiet`)."""
+        from llmstack.bench.loadgen import run_load_sync
 
-    @property
-    def closed(self) -> bool:
-        return math.isinf(self.request_rate)
-
-
-def request_payload(
-    *,
-    model: str,
-    endpoint: str,
-    content: str | list[dict[str, Any]],
-    output_len: int,
-    stream: bool,
-    ignore_eos: bool,
-    min_tokens: int | None,
-    temperature: float,
-) -> dict[str, Any]:
-    """An OpenAI completions or chat body; `content` is a prompt, or a chat message's parts."""
-    payload: dict[str, Any] = {"model": model, "max_tokens": output_len, "temperature": temperature}
-    payload["stream"] = stream
-    if stream:
-        # Token counts from the server itself, in the last event.
-        payload["stream_options"] = {"include_usage": True}
-    if ignore_eos:
-        payload["ignore_eos"] = True  # vLLM's sampling extension: no early stop at end-of-sequence
-    floor = output_len if min_tokens is None and ignore_eos else (min_tokens or 0)
-    if floor:
-        # Also vLLM's: belt and braces with ignore_eos, and what ipex-llm's benchmark patch sends.
-        payload["min_tokens"] = min(floor, output_len)
-    if endpoint == "chat":
-        payload["messages"] = [{"role": "user", "content": content}]
-    else:
-        payload["prompt"] = content
-    return payload
+        if quiet:
+            bar = None
+        elif duration_s is not None:
+            bar = timed_progress_bar(level.label, duration_s)
+        else:
+            bar = progress_bar(level.label)
+        result = run_load_sync(
+            self.ctx.base_url,
+            payloads,
+            endpoint=self.endpoint,
+            concurrency=level.concurrency,
+            api_key=self.ctx.api_key,
+            timeout_s=self.bench.timeout_s,
+            should_stop=self.ctx.should_stop(server),
+            progress=bar,
+            duration_s=duration_s,
+            **options,
+        )
+        if duration_s is not None and not quiet:
+            end_progress_line()
+        return result
 
 
-def goodput_slos(bench: Any) -> dict[str, float]:
+def goodput_slos(bench: HttpBenchmarkConfig) -> dict[str, float]:
     slo = bench.slo
     limits = {"ttft": slo.ttft_ms, "tpot": slo.tpot_ms, "e2el": slo.e2el_ms}
     return {name: float(limit) for name, limit in limits.items() if limit is not None}
@@ -175,6 +204,7 @@ def finish_level(
     percentiles: Sequence[float],
     slos: Mapping[str, float],
     extra: Mapping[str, Any] | None = None,
+    chat: bool = False,
 ) -> dict[str, Any]:
     """Write and print one level's results, add its headline to the summary and save it; then stop the
     run if the level was cut short (a stop signal, a dead engine) or measured nothing.
@@ -183,8 +213,7 @@ def finish_level(
     """
     from llmstack.bench.loadgen import NOT_SENT
     from llmstack.bench.metrics import summarize_load
-    from llmstack.bench.records import dump_records
-    from llmstack.bench.report import format_load_level, format_seed_report
+    from llmstack.results.text_report import format_load_level, format_seed_report
 
     signal_stop = result.stopped and interrupts.requested()
     engine_problem = None
@@ -206,7 +235,7 @@ def finish_level(
     summary["not_sent"] = len(result.records) - len(sent)
     if cut_short is not None:
         summary.update(dict.fromkeys(RATE_KEYS))
-    summary.update(provenance(ctx, extra))
+    summary.update(provenance(ctx, extra, chat=chat))
     level_dir = level_rundir(ctx, level.label)
     level_dir.write_json("result.json", summary)
     dump_records(level_dir.file("requests.jsonl"), sent)
@@ -280,7 +309,7 @@ def print_combined_table(
     ctx: PhaseContext, summaries: Sequence[Mapping[str, Any]], labels: Sequence[str]
 ) -> None:
     """With several levels, one table of them all, printed and kept as benchmark.txt."""
-    from llmstack.bench.report import format_table
+    from llmstack.results.text_report import format_table
 
     if len(summaries) < 2:
         return
@@ -293,90 +322,3 @@ def log_failures(ctx: PhaseContext) -> None:
     failed = sum(level.get("failed") or 0 for level in ctx.summary.get("levels", []))
     if failed:
         logger.warning("%d requests failed; see bench-*/result.json 'error_counts'", failed)
-
-
-def level_rundir(ctx: PhaseContext, label: str) -> RunDir:
-    path = ctx.rundir.path / f"bench-{label}"
-    path.mkdir(exist_ok=True)
-    return RunDir(path)
-
-
-def provenance(ctx: PhaseContext, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """vLLM's setup keys, and ours under `llmstack` (the whole benchmark config included)."""
-    import dataclasses
-
-    run = ctx.run
-    endpoint = getattr(run.benchmark, "endpoint", "completions")
-    chat = endpoint == "chat" or run.benchmark.phase == "multimodal"
-    return {
-        "date": time.strftime("%Y%m%d-%H%M%S"),
-        "backend": "openai-chat" if chat else "vllm",
-        "endpoint_type": "openai-chat" if chat else "openai",
-        "model_id": ctx.served_name,
-        "tokenizer_id": run.model.tokenizer or run.model.path,
-        "llmstack": {
-            "engine": ctx.plan.engine,
-            "model": run.model.name,
-            "low_bit": run.low_bit.name,
-            "device": run.device.name,
-            "benchmark": dataclasses.asdict(run.benchmark),
-            **(extra or {}),
-        },
-    }
-
-
-def check_engine(server: Any | None, when: str) -> None:
-    """Stop on a stop signal; fail (EngineError, exit 3) if the engine is not healthy."""
-    interrupts.check()
-    if server is not None:
-        server.check_healthy(when)
-
-
-def load_tokenizer(ctx: PhaseContext) -> Any | None:
-    from llmstack.bench.prompts import load_tokenizer as load
-
-    return load(ctx.run.model.tokenizer or str(ctx.run.model.path))
-
-
-def progress_bar(label: str) -> Callable[[int, int], None] | None:
-    """A one-line bar on a terminal (requests done of total); None when stderr is not one."""
-    if not sys.stderr.isatty():
-        return None
-    width = 30
-
-    def show(done: int, total: int) -> None:
-        filled = width * done // max(total, 1)
-        sys.stderr.write(f"\r  {label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
-        if done >= total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-    return show
-
-
-def timed_progress_bar(label: str, duration_s: float) -> Callable[[int, int], None] | None:
-    """A one-line bar on a terminal for a run of fixed duration: time elapsed, requests done so far."""
-    if not sys.stderr.isatty():
-        return None
-    width = 30
-    started = time.perf_counter()
-
-    def show(done: int, _total: int) -> None:
-        # The load generator calls at most ten times a second: at thousands of requests/s the terminal
-        # would be the bottleneck.
-        elapsed = time.perf_counter() - started
-        fraction = min(1.0, elapsed / duration_s)
-        filled = int(width * fraction)
-        sys.stderr.write(
-            f"\r  {label} [{'#' * filled}{'.' * (width - filled)}] {min(elapsed, duration_s):.0f}/"
-            f"{duration_s:.0f} s, {done} requests"
-        )
-        sys.stderr.flush()
-
-    return show
-
-
-def end_progress_line() -> None:
-    if sys.stderr.isatty():
-        sys.stderr.write("\n")
-        sys.stderr.flush()

@@ -1,1 +1,0 @@
-"""One module per benchmark phase; `llmstack.bench.phase` is their registry."""
