@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -283,3 +285,30 @@ def test_collector_is_off_inside_the_window_and_restored_after() -> None:
         )
     assert seen and not any(seen)
     assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+def test_the_package_docstring_example_runs_against_any_server(capsys: pytest.CaptureFixture[str]) -> None:
+    """The example in `llmstack.bench`'s docstring, as written (only the server's address is ours): the
+    client needs nothing of the launcher."""
+    import textwrap
+
+    import llmstack.bench
+
+    doc = llmstack.bench.__doc__ or ""
+    example = textwrap.dedent(doc.split("without the launcher:\n", 1)[1])
+    with serving(FakeServer()) as server:
+        exec(example.replace("http://localhost:8000", server.url), {})
+    throughput, ttft = capsys.readouterr().out.split()
+    assert float(throughput) > 0 and float(ttft) >= 0
+
+
+def test_the_client_imports_nothing_of_the_launcher() -> None:
+    code = (
+        "import sys, llmstack.bench.loadgen, llmstack.bench.metrics, llmstack.bench.datasets, "
+        "llmstack.bench.images, llmstack.bench.prompts, llmstack.bench.wrk;"
+        "outside = sorted(m for m in sys.modules if m.startswith('llmstack.') and m != 'llmstack.bench' "
+        "and not m.startswith('llmstack.bench.'));"
+        "sys.exit(str(outside) if outside else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
