@@ -12,6 +12,9 @@ from llmstack.config.schema import (
     RunConfig,
 )
 
+# Each phase's schema lives beside the phase (llmstack/phases/); the registry lists them.
+from llmstack.phases.registry import BENCHMARK_SCHEMAS
+
 
 def register_schemas() -> None:
     """Everything Hydra needs before composing configs/: the typed schemas and our resolvers."""
@@ -27,8 +30,5 @@ def register_schemas() -> None:
     cs.store(group="schema/model", name="model", node=ModelConfig)
     cs.store(group="schema/low_bit", name="low_bit", node=LowBitConfig)
     cs.store(group="schema/device", name="device", node=DeviceConfig)
-    # Each phase's schema lives beside the phase (llmstack/phases/); the registry lists them.
-    from llmstack.phases.registry import BENCHMARK_SCHEMAS
-
     for phase, schema in BENCHMARK_SCHEMAS.items():
         cs.store(group="schema/benchmark", name=phase, node=schema)

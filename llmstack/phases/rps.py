@@ -43,6 +43,7 @@ from llmstack.phases.runner import HttpPhase
 
 if TYPE_CHECKING:
     from llmstack.bench.loadgen import LoadResult
+    from llmstack.results.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,9 @@ def prepare(ctx: PhaseContext) -> RpsPhase:
 
 
 class RpsPhase(HttpPhase):
+    # bench-<label>/, made when the phase runs.
+    level_dir: RunDir
+
     def __init__(self, ctx: PhaseContext) -> None:
         from llmstack.bench.fixed_text import fixed_text
         from llmstack.bench.prompts import token_counter, truncated_prompt
@@ -140,7 +144,6 @@ class RpsPhase(HttpPhase):
         self.level = Level(f"c{bench.connections}", bench.connections)
         self.levels = [self.level]
         self.warmup_payloads = [self.payload] * bench.warmup_requests
-        self.level_dir = level_rundir(ctx, self.level.label)
         self.extra: dict[str, Any] = {}
         self.wrk_result: Any = None
         ctx.summary.update({"endpoint": "completions", "levels": []})
@@ -148,6 +151,8 @@ class RpsPhase(HttpPhase):
     def before(self, server: Any) -> None:
         from llmstack.bench import wrk
 
+        # Made now, not when prepared: a run whose engine never starts leaves no level directory.
+        self.level_dir = level_rundir(self.ctx, self.level.label)
         self.level_dir.write_text("payload.lua", wrk.payload_lua(self.payload))
 
     def measure(self, level: Level, server: Any) -> LoadResult:
