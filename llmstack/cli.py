@@ -8,10 +8,10 @@ import os
 import re
 import sys
 import traceback
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from llmstack.errors import Interrupted, LlmstackError
+from llmstack.config import CONFIG_DIR
+from llmstack.errors import Interrupted, LlmstackError, describe_unexpected
 from llmstack.logs import scrubbed
 
 if TYPE_CHECKING:
@@ -19,7 +19,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(os.environ.get("LLMSTACK_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
 
 # Hydra reports its own composition errors (unknown group option, unknown key, bad type) with exit status 1.
 # We turn those into 2, the status of every config error, but only if the task never started.
@@ -32,7 +31,7 @@ def _full_error() -> bool:
 
 def run_task(cfg: DictConfig) -> int:
     """Run one composed config; the exit status (README, "Exit status")."""
-    from llmstack import interrupts
+    from llmstack import grid, interrupts
     from llmstack.config.secrets import secret_values
     from llmstack.logs import hide_secrets, setup_console_logging
     from llmstack.run import run
@@ -45,7 +44,11 @@ def run_task(cfg: DictConfig) -> int:
     tolerate_closed_stdout()
     try:
         interrupts.check()  # a signal during composition
-        run(cfg, CONFIG_DIR)
+        job = grid.current_job()
+        if job is None:
+            run(cfg, CONFIG_DIR)
+        else:
+            grid.run_grid_job(cfg, CONFIG_DIR, job)
     except Interrupted as exc:
         print(f"llmstack: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -58,8 +61,6 @@ def run_task(cfg: DictConfig) -> int:
         print("llmstack: interrupted by SIGINT", file=sys.stderr)
         return 130
     except Exception as exc:
-        from llmstack.run import describe_unexpected
-
         if _full_error():
             traceback.print_exc()
         notes = [n for n in getattr(exc, "__notes__", ()) if n.startswith("llmstack: ")]

@@ -136,7 +136,7 @@ def collect(pythons: list[str] | None = None, *, quick: bool = False, config_dir
         "inventory": {"cuda": inventory.cuda, "xpu": inventory.xpu},
         "devices": found,
     }
-    from llmstack.cli import CONFIG_DIR
+    from llmstack.config import CONFIG_DIR
 
     report["profiles"] = profile_fits(found, config_dir or CONFIG_DIR)
     report["summary"] = summary_lines(report)

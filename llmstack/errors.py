@@ -100,3 +100,12 @@ class Interrupted(BaseException):
 
     def __str__(self) -> str:
         return f"interrupted by {self.signal_name}" + (f" during {self.where}" if self.where else "")
+
+
+def describe_unexpected(exc: BaseException) -> str:
+    """One line for an error outside llmstack's own types."""
+    import errno
+
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return f"the disk is full: {exc}"
+    return f"internal error: {type(exc).__name__}: {exc}"

@@ -25,7 +25,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from llmstack.config.secrets import is_secret_override, mask_override, scrub, secret_values
-from llmstack.errors import EngineError, Interrupted
+from llmstack.errors import EngineError, Interrupted, describe_unexpected
 from llmstack.results.rundir import RunDir
 
 logger = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def job_is_done(job_dir: Path) -> bool:
 
 def run_grid_job(cfg: DictConfig, config_dir: Path, job: GridJob) -> dict[str, Any]:
     """Run one job; never raises for a failed job (the grid must go on), only for a stop signal."""
-    from llmstack.run import Session, describe_unexpected, prepare
+    from llmstack.run import Session, prepare
 
     job_dir = Path(str(cfg.results_dir)) / str(cfg.experiment_name) / job.name
     if job_is_done(job_dir) and not cfg.get("rerun", False):
@@ -123,8 +123,6 @@ def run_grid_job(cfg: DictConfig, config_dir: Path, job: GridJob) -> dict[str, A
 
 
 def write_failure(job_dir: Path, job: GridJob, phase: str, exc: Exception) -> None:
-    from llmstack.run import describe_unexpected
-
     secrets = secret_values(job.overrides)
     known = hasattr(exc, "exit_code")  # one of llmstack's own errors
     error = str(exc).split("\nLast lines of the engine log:")[0] if known else describe_unexpected(exc)

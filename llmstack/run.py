@@ -18,20 +18,15 @@ from llmstack.config.resolve import resolve, to_run_config
 from llmstack.config.schema import RunConfig
 from llmstack.config.validate import validate
 from llmstack.engines import get_engine
-from llmstack.serving.plan import LaunchPlan
-from llmstack.errors import Interrupted, LlmstackError, ResultsError
+from llmstack.errors import Interrupted, LlmstackError, ResultsError, describe_unexpected
 from llmstack.results.rundir import RunDir
+from llmstack.serving.plan import LaunchPlan
 
 logger = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig, config_dir: Path) -> dict[str, Any] | None:
-    """Returns the run's summary, or None for a dry run. Inside a grid (`-m`), the job's outcome instead."""
-    from llmstack.grid import current_job, run_grid_job
-
-    job = current_job()
-    if job is not None:
-        return run_grid_job(cfg, config_dir, job)
+    """Returns the run's summary, or None for a dry run. (A grid's jobs go through llmstack.grid.)"""
     resolved, plan = prepare(cfg, config_dir)
     if resolved.dry_run:
         return None
@@ -216,15 +211,6 @@ class Session:
 
         pythons = list(dict.fromkeys([self.plan.interpreter, sys.executable]))
         doctor.write_report(self.rundir.file("doctor.json"), pythons)  # never raises
-
-
-def describe_unexpected(exc: BaseException) -> str:
-    """One line for an error outside llmstack's own types."""
-    import errno
-
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return f"the disk is full: {exc}"
-    return f"internal error: {type(exc).__name__}: {exc}"
 
 
 def render_dry_run(run: RunConfig, plan: LaunchPlan) -> str:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from llmstack.serving.plan import LaunchPlan, ReadyProbe
 from llmstack.errors import EngineError
+from llmstack.serving.plan import LaunchPlan, ReadyProbe
 from llmstack.serving.supervisor import ServerProcess
 from tests.procs import free_port, wait_no_processes
 

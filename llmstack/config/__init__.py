@@ -1,6 +1,15 @@
-"""Typed run config: schema (dataclasses), ConfigStore registration, resolution and validation rules."""
+"""Composition: the typed run config (schema dataclasses), ConfigStore registration, the group options, the
+compose cache, resolution of `auto` values, and secrets."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# configs/: the checked-in groups Hydra composes (LLMSTACK_CONFIG_DIR: another tree, for tests and forks).
+CONFIG_DIR = Path(
+    os.environ.get("LLMSTACK_CONFIG_DIR", Path(__file__).resolve().parent.parent.parent / "configs")
+)
 
 
 def register_resolvers() -> None:

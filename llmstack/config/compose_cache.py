@@ -38,7 +38,9 @@ def cache_key(config_dir: Path, args: list[str]) -> str:
     digest = hashlib.sha256()
     digest.update(f"{llmstack.__version__}\0{config_dir.resolve()}\0".encode())
     digest.update("\0".join(args).encode())
-    for path in sorted([*config_dir.rglob("*.yaml"), Path(schema.__file__)]):
+    # The schemas: the run's in config/schema.py, each benchmark phase's beside its phase.
+    schemas = [Path(schema.__file__), *(Path(schema.__file__).parent.parent / "phases").glob("*.py")]
+    for path in sorted([*config_dir.rglob("*.yaml"), *schemas]):
         stat = path.stat()
         digest.update(f"\0{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
     return digest.hexdigest()[:32]

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from llmstack.config.schema import LowBitConfig, RunConfig
-from llmstack.serving.plan import LaunchPlan
 from llmstack.errors import ConfigError
+from llmstack.serving.plan import LaunchPlan
 
 # Which environment variable picks the cards an engine sees, per device kind.
 DEVICE_SELECTOR_ENV = {"cuda": "CUDA_VISIBLE_DEVICES", "xpu": "ZE_AFFINITY_MASK"}

@@ -11,8 +11,8 @@ import os
 
 from llmstack.config.schema import LightweightEngineConfig, LowBitConfig, RunConfig
 from llmstack.engines.base import DEVICE_SELECTOR_ENV, source_first_pythonpath, with_server_defaults
-from llmstack.serving.plan import LaunchPlan, ReadyProbe
 from llmstack.errors import ConfigError
+from llmstack.serving.plan import LaunchPlan, ReadyProbe
 from llmstack.workers.protocol import (
     API_KEY_ENV,
     BACKEND_DEVICES,

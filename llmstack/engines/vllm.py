@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from llmstack.config.schema import LowBitConfig, RunConfig, VllmEngineConfig
 from llmstack.engines.base import DEVICE_SELECTOR_ENV, with_server_defaults
-from llmstack.serving.plan import LaunchPlan, ReadyProbe
 from llmstack.errors import ConfigError
+from llmstack.serving.plan import LaunchPlan, ReadyProbe
 
 FLAVOURS = {
     "upstream": "vllm.entrypoints.openai.api_server",

@@ -2,13 +2,13 @@
 
     python -m llmstack.serving.guardian --mark MARK --grace SECONDS --log FILE
 
-The supervisor starts one per engine, in a session of its own (a terminal's Ctrl-C does not reach it), with
-a pipe on its stdin. Over the pipe it learns the engine's main pid (`watch PID`) and, once the supervisor
-has stopped the engine itself, that it may leave (`done`). If the pipe closes without `done`, the launcher
-is gone (SIGKILL, the OOM killer, a crash): the guardian sends SIGTERM to every process of the engine
-(`llmstack.serving.proctree`: its group, its descendants, whatever carries its run mark), waits the grace period,
-then SIGKILL. The kernel's parent-death signal alone is not enough: it is one SIGTERM, which an engine may
-ignore (vLLM's API server does during start-up), and nothing would follow it.
+The supervisor starts one per engine, in a session of its own (a terminal's Ctrl-C does not reach it), with a
+pipe on its stdin. Over the pipe it learns the engine's main pid (`watch PID`) and, once the supervisor has
+stopped the engine itself, that it may leave (`done`). If the pipe closes without `done`, the launcher is gone
+(SIGKILL, the OOM killer, a crash): the guardian sends SIGTERM to every process of the engine
+(`llmstack.serving.proctree`: its group, its descendants, whatever carries its run mark), waits the grace
+period, then SIGKILL. The kernel's parent-death signal alone is not enough: it is one SIGTERM, which an engine
+may ignore (vLLM's API server does during start-up), and nothing would follow it.
 
 It notes what it did at the end of the engine's log. It imports nothing heavy, to start in milliseconds.
 """

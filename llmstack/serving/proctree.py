@@ -5,9 +5,9 @@ main process, and (3) every process whose environment carries the engine's run m
 (`LLMSTACK_RUN_MARK=<uuid>`): children inherit their parent's environment, so a process that left the
 group (Ray starts sessions of its own) and lost its parent (reparented to init) is still found.
 
-Used by the supervisor and by the guardian (`llmstack.serving.guardian`), which stops the engine when the launcher
-itself dies. Processes are named by (pid, start time) so that a reused pid is never taken for one of ours.
-"""
+Used by the supervisor and by the guardian (`llmstack.serving.guardian`), which stops the engine when the
+launcher itself dies. Processes are named by (pid, start time) so that a reused pid is never taken for one of
+ours."""
 
 from __future__ import annotations
 

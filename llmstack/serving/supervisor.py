@@ -1,14 +1,14 @@
 """Start one server process, know when it is really ready and whether it is still healthy, always stop it.
 
 The process runs in its own session (process group), with a run mark in its environment that its children
-inherit (`llmstack.serving.proctree`). Ready means: the health probe answers 200, /v1/models lists the served name,
-the process is alive, and the port is held by a process of ours (not by another server that happens to
+inherit (`llmstack.serving.proctree`). Ready means: the health probe answers 200, /v1/models lists the served
+name, the process is alive, and the port is held by a process of ours (not by another server that happens to
 answer there). Healthy, later, means the same, plus: every process the engine had when it became ready is
 still there (a dead model worker under a living API server is a dead engine).
 
 Teardown sends SIGTERM to the whole group, to every descendant and to every marked process, waits a grace
-period, then sends SIGKILL. A guardian process (`llmstack.serving.guardian`) does the same if the launcher itself
-dies. The engine's output is copied to its log without ever blocking the engine: if the log cannot be
+period, then sends SIGKILL. A guardian process (`llmstack.serving.guardian`) does the same if the launcher
+itself dies. The engine's output is copied to its log without ever blocking the engine: if the log cannot be
 written (a full disk), the output is still drained, dropped and counted, and the run fails saying so.
 
 The supervisor knows nothing about engines: it only runs a LaunchPlan.
@@ -35,9 +35,9 @@ from typing import IO, TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from llmstack import interrupts
+from llmstack.errors import EngineError, Interrupted
 from llmstack.serving import proctree
 from llmstack.serving.plan import LaunchPlan
-from llmstack.errors import EngineError, Interrupted
 
 if TYPE_CHECKING:
     import httpx
