@@ -1,0 +1,161 @@
+"""The boundaries of docs/architecture.md, checked over the import graph of llmstack's source.
+
+Every import statement counts, function-level ones included: a hidden import cycle or a worker that reaches
+into the launcher is as real inside a function as at the top of a module.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SOURCE = Path(__file__).resolve().parent.parent / "llmstack"
+
+
+def _modules(root: Path) -> dict[str, Path]:
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        modules[".".join(parts)] = path
+    return modules
+
+
+def import_graph(root: Path = SOURCE) -> dict[str, set[str]]:
+    """module -> the llmstack modules it imports (a name inside a module counts as that module)."""
+    modules = _modules(root)
+
+    def owner(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for module, path in modules.items():
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    kept = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*kept, base] if base else kept)
+                targets = [f"{base}.{alias.name}" for alias in node.names]
+            for target in targets:
+                found = owner(target)
+                if found is not None and found != module:
+                    graph[module].add(found)
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+    for start in sorted(graph):
+        if start in index:
+            continue
+        work = [(start, iter(sorted(graph[start])))]
+        index[start] = low[start] = len(index)
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    cycles.append(sorted(component))
+    return cycles
+
+
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    return import_graph()
+
+
+def test_the_checker_finds_a_cycle_and_its_members(tmp_path: Path) -> None:
+    package = tmp_path / "llmstack"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("def f():\n    from llmstack import b\n")  # function-level
+    (package / "b.py").write_text("from llmstack.a import f\n")
+    (package / "c.py").write_text("import llmstack.a\n")
+    assert import_cycles(import_graph(package)) == [["llmstack.a", "llmstack.b"]]
+
+
+def test_no_import_cycle(graph: dict[str, set[str]]) -> None:
+    assert import_cycles(graph) == []
+
+
+# (importer, what it may not import, the exception allowed): the boundaries of docs/architecture.md.
+FORBIDDEN = [
+    # Workers are separate programs: nothing of the launcher.
+    ("llmstack.workers", lambda t: not _within(t, "llmstack.workers")),
+    # The benchmark client knows only HTTP and the OpenAI API: usable against any server, without llmstack.
+    ("llmstack.bench", lambda t: not _within(t, "llmstack.bench")),
+    # The supervisor runs a LaunchPlan and knows no engine, config, phase or worker.
+    (
+        "llmstack.serving",
+        lambda t: any(
+            _within(t, p)
+            for p in (
+                "llmstack.engines",
+                "llmstack.config",
+                "llmstack.bench",
+                "llmstack.phases",
+                "llmstack.workers",
+            )
+        ),
+    ),
+    # Engines plan; they never start processes: of serving they see only the plan type.
+    ("llmstack.engines", lambda t: _within(t, "llmstack.serving") and t != "llmstack.serving.plan"),
+    # Composition knows nothing of what runs.
+    (
+        "llmstack.config",
+        lambda t: any(_within(t, p) for p in ("llmstack.serving", "llmstack.run", "llmstack.grid")),
+    ),
+]
+
+
+@pytest.mark.parametrize("importer", [f[0] for f in FORBIDDEN])
+def test_boundary(graph: dict[str, set[str]], importer: str) -> None:
+    forbidden = next(rule for name, rule in FORBIDDEN if name == importer)
+    crossings = sorted(
+        f"{module} -> {target}"
+        for module, targets in graph.items()
+        if _within(module, importer)
+        for target in targets
+        if forbidden(target)
+    )
+    assert crossings == []
