@@ -8,7 +8,7 @@ with their memory. Then, for every configs/profile/*.yaml, whether this machine 
     python -m llmstack.doctor [--python PATH ...] [--json] [--quick]
 
 `--quick` skips what is slow or touches the GPUs (importing torch, sycl-ls, xpu-smi): Session runs it at the
-start of every real run, beside the engine's startup, and stores it as doctor.json with the results.
+end of every real run (never competing with the engine or the benchmark) and stores it as doctor.json.
 """
 
 from __future__ import annotations
