@@ -139,10 +139,6 @@ class MemoryEstimate:
         return tokens * self.kv_bytes_per_token
 
     @property
-    def kv_all_sequences_bytes(self) -> int:
-        return self.max_num_seqs * self.kv_one_sequence_bytes
-
-    @property
     def fits(self) -> bool:
         return self.weights_bytes + self.kv_one_sequence_bytes <= self.budget_bytes
 

@@ -6,10 +6,6 @@ from llmstack.engines.base import Engine
 from llmstack.errors import ConfigError
 
 
-def engine_names() -> list[str]:
-    return sorted(_registry())
-
-
 def get_engine(name: str) -> Engine:
     engines = _registry()
     if name not in engines:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shlex
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 SECRET_ENV_KEYS = ("VLLM_API_KEY", "OPENAI_API_KEY", "HF_TOKEN", "LLMSTACK_API_KEY")
 
@@ -31,7 +31,6 @@ class LaunchPlan:
     cwd: str | None = None
     log_name: str = "server.log"
     shutdown_grace_s: float = 15.0
-    notes: list[str] = field(default_factory=list)
 
     @property
     def interpreter(self) -> str:
