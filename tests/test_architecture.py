@@ -7,12 +7,17 @@ into the launcher is as real inside a function as at the top of a module.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-SOURCE = Path(__file__).resolve().parent.parent / "llmstack"
+ROOT = Path(__file__).resolve().parent.parent
+SOURCE = ROOT / "llmstack"
+MAX_MODULE_LINES = 450
 
 
 def _modules(root: Path) -> dict[str, Path]:
@@ -159,3 +164,49 @@ def test_boundary(graph: dict[str, set[str]], importer: str, forbidden: Callable
         if forbidden(target)
     )
     assert crossings == []
+
+
+CONTRACTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+
+
+def test_import_linter_keeps_every_contract() -> None:
+    """import-linter ([tool.importlinter] in pyproject.toml) is the enforcer of the contracts."""
+    lint_imports = Path(sys.executable).parent / "lint-imports"
+    if not lint_imports.exists():
+        pytest.fail(f"{lint_imports} is missing: pip install 'import-linter>=2' (the test extra)")
+    done = subprocess.run(
+        [str(lint_imports), "--config", str(ROOT / "pyproject.toml")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{len(CONTRACTS)} kept, 0 broken" in done.stdout
+
+
+@pytest.mark.parametrize("contract", CONTRACTS, ids=[c["name"] for c in CONTRACTS])
+def test_contract_is_not_vacuous(graph: dict[str, set[str]], contract: dict[str, object]) -> None:
+    """Every contract constrains code that imports something: its source modules exist and import llmstack."""
+    sources = contract["source_modules"]
+    assert isinstance(sources, list)
+    for source in sources:
+        members = [m for m in graph if _within(m, source)]
+        assert members, f"{source} does not exist"
+        assert any(graph[m] for m in members), (
+            f"{source} imports nothing of llmstack: the contract is vacuous"
+        )
+
+
+def test_no_module_over_the_size_limit() -> None:
+    """No module over MAX_MODULE_LINES lines, unless its docstring has a line starting with "Size:" (why)."""
+    oversized = []
+    for path in sorted(SOURCE.rglob("*.py")):
+        text = path.read_text()
+        lines = len(text.splitlines())
+        if lines <= MAX_MODULE_LINES:
+            continue
+        docstring = ast.get_docstring(ast.parse(text, str(path))) or ""
+        if not any(line.strip().startswith("Size:") for line in docstring.splitlines()):
+            oversized.append(f"{path.relative_to(ROOT)}: {lines} lines")
+    assert oversized == []
