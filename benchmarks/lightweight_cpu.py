@@ -38,10 +38,10 @@ from llmstack.bench.metrics import summarize_load  # noqa: E402
 from llmstack.bench.prompts import load_tokenizer, random_prompts  # noqa: E402
 from llmstack.cli import CONFIG_DIR  # noqa: E402
 from llmstack.config.resolve import resolve, to_run_config  # noqa: E402
-from llmstack.config.validate import validate  # noqa: E402
 from llmstack.engines import get_engine  # noqa: E402
 from llmstack.models.tiny import ensure_tiny_model  # noqa: E402
 from llmstack.serving.supervisor import ServerProcess  # noqa: E402
+from llmstack.validation import validate  # noqa: E402
 from tests.procs import free_port  # noqa: E402
 
 SERVERS = {

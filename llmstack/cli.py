@@ -156,7 +156,7 @@ def _main_through_hydra() -> int:
     from llmstack.config.store import register_schemas
 
     register_schemas()
-    from llmstack.config.profile_engine import profile_engine_conflict
+    from llmstack.validation.profile_engine import profile_engine_conflict
 
     conflict = profile_engine_conflict(CONFIG_DIR, sys.argv[1:])
     if conflict is not None:

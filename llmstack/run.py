@@ -16,11 +16,11 @@ from omegaconf import DictConfig, OmegaConf
 from llmstack import interrupts
 from llmstack.config.resolve import resolve, to_run_config
 from llmstack.config.schema import RunConfig
-from llmstack.config.validate import validate
 from llmstack.engines import get_engine
 from llmstack.errors import Interrupted, LlmstackError, ResultsError, describe_unexpected
 from llmstack.results.rundir import RunDir
 from llmstack.serving.plan import LaunchPlan
+from llmstack.validation import validate
 
 logger = logging.getLogger(__name__)
 
@@ -229,10 +229,8 @@ def render_dry_run(run: RunConfig, plan: LaunchPlan) -> str:
             f"# benchmark={run.benchmark.name} starts no server: it runs `{plan.interpreter} -m "
             "llmstack.phases.offline_process` with the engine arguments above (not --host/--port) in-process."
         )
-    from llmstack.config.memory import estimate
-
-    if (memory := estimate(run)) is not None:
-        lines.insert(3, f"# Memory estimate {memory.summary()}.")
+    if (memory := get_engine(run.engine.name).memory_summary(run)) is not None:
+        lines.insert(3, f"# Memory estimate {memory}.")
     return "\n".join(lines)
 
 

@@ -57,7 +57,7 @@ def wait_no_processes(marker: str, timeout: float = 30.0, sessions: set[int] = f
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
-    from llmstack.config.validate import port_is_free as free_for_servers
+    from llmstack.validation import port_is_free as free_for_servers
 
     return free_for_servers(host, port)
 

@@ -138,6 +138,7 @@ FORBIDDEN = [
             for p in (
                 "llmstack.engines",
                 "llmstack.config",
+                "llmstack.validation",
                 "llmstack.bench",
                 "llmstack.phases",
                 "llmstack.workers",

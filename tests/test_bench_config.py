@@ -14,7 +14,6 @@ from llmstack.cli import CONFIG_DIR
 from llmstack.config import compose_cache
 from llmstack.config.resolve import resolve, to_run_config
 from llmstack.config.schema import BenchmarkConfig
-from llmstack.config.validate import validate
 from llmstack.devices import Inventory
 from llmstack.errors import ConfigError
 from llmstack.phases.multimodal import MultimodalBenchmarkConfig
@@ -22,6 +21,7 @@ from llmstack.phases.offline_throughput import OfflineThroughputConfig
 from llmstack.phases.online import OnlineBenchmarkConfig
 from llmstack.phases.registry import BENCHMARK_SCHEMAS, benchmark_problems
 from llmstack.phases.rps import RpsBenchmarkConfig
+from llmstack.validation import validate
 
 CPU_ONLY = Inventory()
 PHASE_OF_OPTION = {

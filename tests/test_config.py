@@ -12,13 +12,13 @@ from omegaconf.errors import ConfigAttributeError, ValidationError
 from llmstack.cli import CONFIG_DIR
 from llmstack.config.resolve import load_low_bit, to_run_config
 from llmstack.config.schema import (
-    ENGINE_SCHEMAS,
     BenchmarkConfig,
     DeviceConfig,
     LowBitConfig,
     ModelConfig,
     RunConfig,
 )
+from llmstack.engines import ENGINE_SCHEMAS
 
 
 def options(group: str) -> list[str]:

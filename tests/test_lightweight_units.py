@@ -15,11 +15,11 @@ import pytest
 
 from llmstack.cli import CONFIG_DIR
 from llmstack.config.resolve import resolve, to_run_config
-from llmstack.config.validate import validate
 from llmstack.devices import Inventory
 from llmstack.engines import get_engine
 from llmstack.engines.base import SOURCE_ROOT
 from llmstack.errors import ConfigError
+from llmstack.validation import validate
 from llmstack.workers.protocol import API_KEY_ENV, LIGHTWEIGHT_MODULE, WorkerOptions
 
 CPU_ONLY = Inventory()

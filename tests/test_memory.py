@@ -15,12 +15,12 @@ import pytest
 
 from llmstack.cli import CONFIG_DIR
 from llmstack.config.architecture import read_config_json, with_config_json
-from llmstack.config.memory import GIB, Shape, estimate, parameter_count
 from llmstack.config.resolve import load_low_bit, resolve, to_run_config
 from llmstack.config.schema import ModelConfig, RunConfig
-from llmstack.config.validate import validate
 from llmstack.devices import Inventory
+from llmstack.engines.vllm.memory import GIB, Shape, estimate, parameter_count
 from llmstack.errors import ConfigError
+from llmstack.validation import validate
 
 CONFIG = Path(CONFIG_DIR)
 
@@ -175,7 +175,7 @@ def test_arc_allocation_limit_warns(compose_cfg, caplog: pytest.LogCaptureFixtur
         "engine.max_model_len=8192",
         "engine.max_num_batched_tokens=8192",
     )
-    with caplog.at_level(logging.WARNING, logger="llmstack.config.memory"):
+    with caplog.at_level(logging.WARNING, logger="llmstack.engines.vllm.memory"):
         check(run)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     # Prefill attention scores: 20 heads per card x 8192 x 8192 x 4 bytes = 5.00 GiB > 4.
@@ -186,7 +186,7 @@ def test_arc_allocation_limit_warns(compose_cfg, caplog: pytest.LogCaptureFixtur
 
 def test_no_allocation_warning_with_the_seed_limits(compose_cfg, caplog: pytest.LogCaptureFixture) -> None:
     run = planned(compose_cfg, "profile=arc_a770x2", "model=qwen14b")
-    with caplog.at_level(logging.WARNING, logger="llmstack.config.memory"):
+    with caplog.at_level(logging.WARNING, logger="llmstack.engines.vllm.memory"):
         check(run)
     # 20 x 3000 x 2000 x 4 bytes = 0.45 GiB: under the limit.
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]

@@ -11,9 +11,9 @@ import pytest
 
 from llmstack.cli import CONFIG_DIR
 from llmstack.config.resolve import resolve, to_run_config
-from llmstack.config.validate import validate
 from llmstack.devices import Inventory
 from llmstack.errors import ConfigError
+from llmstack.validation import validate
 
 CONFIG = Path(CONFIG_DIR)
 PROFILES = sorted(p.stem for p in (CONFIG / "profile").glob("*.yaml"))

@@ -12,9 +12,9 @@ import pytest
 
 from llmstack.cli import CONFIG_DIR
 from llmstack.config.resolve import resolve, to_run_config
-from llmstack.config.validate import validate
 from llmstack.devices import Inventory
 from llmstack.errors import ConfigError
+from llmstack.validation import validate
 
 CPU_ONLY = Inventory()
 
@@ -174,7 +174,7 @@ def test_full_error_shows_traceback(llmstack_cmd: list[str]) -> None:
 
 def test_profile_engine_conflict_only_for_keys_the_engine_lacks() -> None:
     from llmstack.cli import CONFIG_DIR
-    from llmstack.config.profile_engine import profile_engine_conflict
+    from llmstack.validation.profile_engine import profile_engine_conflict
 
     error = profile_engine_conflict(CONFIG_DIR, ["profile=arc_a770", "engine=lightweight", "model=qwen14b"])
     assert error is not None and error.key == "engine" and error.value == "lightweight"

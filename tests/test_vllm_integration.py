@@ -21,11 +21,11 @@ import pytest
 
 from llmstack.cli import CONFIG_DIR
 from llmstack.config.resolve import resolve, to_run_config
-from llmstack.config.validate import validate
 from llmstack.devices import Inventory
 from llmstack.engines import get_engine
 from llmstack.models.tiny import ensure_tiny_model
 from llmstack.serving.supervisor import ServerProcess
+from llmstack.validation import validate
 from tests.procs import free_port, port_is_free, sigint_by_default, wait_no_processes
 
 pytestmark = pytest.mark.integration

@@ -61,7 +61,8 @@ def load(config_dir: Path, args: list[str]) -> DictConfig | None:
         raw = OmegaConf.create(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    from llmstack.config.schema import ENGINE_SCHEMAS, RunConfig
+    from llmstack.config.schema import RunConfig
+    from llmstack.engines import ENGINE_SCHEMAS
     from llmstack.phases.registry import BENCHMARK_SCHEMAS
 
     engine_schema = ENGINE_SCHEMAS.get(str(raw.get("engine", {}).get("name")))

@@ -8,7 +8,7 @@ unless a field says otherwise.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 from omegaconf import MISSING
 
@@ -17,7 +17,7 @@ from omegaconf import MISSING
 
 @dataclass
 class ModelArchitecture:
-    """Shape facts from the model's config.json, for the memory estimate (llmstack/config/memory.py).
+    """Shape facts from the model's config.json, for the memory estimate (llmstack/engines/vllm/memory.py).
 
     None: unknown. The checked-in models carry their published values; model=local and model=tiny fill the
     unknown ones from config.json in model.path when it is there.
@@ -87,7 +87,7 @@ class DeviceConfig:
     # Environment every engine gets on this device.
     env: dict[str, str] = field(default_factory=dict)
     # Memory of one device in GiB (a card, or a tile where the driver exposes tiles); None: unknown, and the
-    # memory-fit check (llmstack/config/memory.py) is skipped. Profiles set it with its source.
+    # memory-fit check (llmstack/engines/vllm/memory.py) is skipped. Profiles set it with its source.
     memory_gib: Optional[float] = None
     # The largest single allocation the device allows, in GiB (Arc: 4); None: no known limit. Only warns.
     max_alloc_gib: Optional[float] = None
@@ -97,13 +97,12 @@ class DeviceConfig:
 
 
 @dataclass
-class VllmEngineConfig:
-    """Knobs of start-vllm-service.sh and more. Seed defaults are documented in configs/engine/*.yaml."""
+class EngineConfig:
+    """Base of every engine's schema: what every OpenAI-server engine has. Each engine's own schema lives
+    beside its planner in llmstack/engines/ (`llmstack.engines.ENGINE_SCHEMAS`); its YAMLs in
+    configs/engine/ document the defaults."""
 
-    name: str = "vllm"
-    # upstream: `python -m vllm.entrypoints.openai.api_server` (cpu, cuda, xpu).
-    # ipex: ipex-llm's fork `python -m ipex_llm.vllm.xpu.entrypoints.openai.api_server` (xpu).
-    flavour: str = "upstream"
+    name: str = MISSING
     # The interpreter that runs the engine; None: the one running llmstack.
     python: Optional[str] = None
     host: str = "127.0.0.1"
@@ -111,82 +110,20 @@ class VllmEngineConfig:
     port: int = 8000
     # None: model.served_name.
     served_model_name: Optional[str] = None
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    max_num_seqs: Optional[int] = None
-    max_num_batched_tokens: Optional[int] = None
     # None: model.max_model_len.
     max_model_len: Optional[int] = None
-    gpu_memory_utilization: Optional[float] = None
-    block_size: Optional[int] = None
-    enforce_eager: bool = False
-    dtype: str = "auto"
     # None: model.trust_remote_code.
     trust_remote_code: Optional[bool] = None
-    distributed_executor_backend: Optional[str] = None
-    # None: the engine's default (upstream vLLM V1: on; ipex-llm's V0 fork: off).
-    enable_chunked_prefill: Optional[bool] = None
-    disable_async_output_proc: bool = False
     api_key: Optional[str] = None
-    # vLLM on CPU reserves this much host RAM (GiB) for its KV cache (VLLM_CPU_KVCACHE_SPACE).
-    cpu_kvcache_space_gib: int = 2
-    # --kv-cache-dtype: auto (the model's dtype) or an fp8 variant; None: not passed (the engine's auto).
-    kv_cache_dtype: Optional[str] = None
     extra_args: list[str] = field(default_factory=list)
     extra_env: dict[str, str] = field(default_factory=dict)
     # Seconds to wait for readiness, and to wait after SIGTERM before SIGKILL.
     startup_timeout_s: float = 900.0
     shutdown_grace_s: float = 15.0
 
-
-@dataclass
-class LightweightEngineConfig:
-    """llmstack's own worker (`python -m llmstack.workers.lightweight`): continuous batching over transformers
-    or ipex-llm, OpenAI-compatible HTTP. Defaults are documented in configs/engine/lightweight.yaml."""
-
-    name: str = "lightweight"
-    # transformers (cpu, cuda, xpu; low_bit none/fp16/bf16) | ipex_llm (cpu, xpu; ipex-llm's low-bit formats)
-    backend: str = "transformers"
-    # auto | fused (llmstack's decoder for Llama/Mistral/Qwen2) | generic (the model's own forward)
-    # | fast (fused arithmetic, batched prefill, CUDA-graph decode on cuda; workers/backends/fast_llama.py)
-    model_impl: str = "auto"
-    # The interpreter that runs the worker (ipex_llm: one with ipex-llm, e.g. .venv-ipex/bin/python).
-    python: Optional[str] = None
-    host: str = "127.0.0.1"
-    # 0 picks a free port at launch.
-    port: int = 8000
-    # None: model.served_name.
-    served_model_name: Optional[str] = None
-    # Sequences decoded together; beyond them up to max_waiting_requests queue, then 503.
-    max_batch_size: int = 16
-    max_waiting_requests: int = 256
-    # None: model.max_model_len.
-    max_model_len: Optional[int] = None
-    # auto | float32 | bfloat16 | float16 (low_bit fp16/bf16 set it for the transformers backend)
-    dtype: str = "auto"
-    # None: model.trust_remote_code.
-    trust_remote_code: Optional[bool] = None
-    api_key: Optional[str] = None
-    # torch.set_num_threads in the worker; None: on cpu all cores but one (left to HTTP), else torch's.
-    torch_threads: Optional[int] = None
-    # The scheduler and model in their own process (no GIL shared with HTTP); false: a thread of the server.
-    model_process: bool = True
-    log_level: str = "info"
-    # Request limits (llmstack.workers.protocol.WorkerOptions says why each is there).
-    max_stop_strings: int = 4
-    max_stop_string_chars: int = 1024
-    max_request_bytes: int = 16 * 1024 * 1024
-    max_prompt_chars: Optional[int] = None
-    trust_request_chat_template: bool = False
-    stall_timeout_s: float = 60.0
-    extra_args: list[str] = field(default_factory=list)
-    extra_env: dict[str, str] = field(default_factory=dict)
-    startup_timeout_s: float = 600.0
-    shutdown_grace_s: float = 15.0
-
-
-# engine.name -> its schema; the engine group's YAMLs start from these.
-ENGINE_SCHEMAS: dict[str, type] = {"vllm": VllmEngineConfig, "lightweight": LightweightEngineConfig}
+    def label(self) -> str:
+        """How messages name this engine (with its flavour where it has one)."""
+        return f"engine={self.name}"
 
 
 @dataclass
@@ -203,7 +140,8 @@ class BenchmarkConfig:
 
 @dataclass
 class RunConfig:
-    engine: Any = MISSING
+    # An engine's subclass (llmstack/engines/), chosen by the engine group option.
+    engine: EngineConfig = MISSING
     model: ModelConfig = MISSING
     low_bit: LowBitConfig = MISSING
     device: DeviceConfig = MISSING

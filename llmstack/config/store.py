@@ -4,15 +4,11 @@ from __future__ import annotations
 
 from hydra.core.config_store import ConfigStore
 
-from llmstack.config.schema import (
-    ENGINE_SCHEMAS,
-    DeviceConfig,
-    LowBitConfig,
-    ModelConfig,
-    RunConfig,
-)
+from llmstack.config.schema import DeviceConfig, LowBitConfig, ModelConfig, RunConfig
 
-# Each phase's schema lives beside the phase (llmstack/phases/); the registry lists them.
+# Each engine's schema lives beside its planner (llmstack/engines/), each phase's beside the phase
+# (llmstack/phases/); the registries list them.
+from llmstack.engines import ENGINE_SCHEMAS
 from llmstack.phases.registry import BENCHMARK_SCHEMAS
 
 

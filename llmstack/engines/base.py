@@ -5,17 +5,18 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from llmstack.config.schema import LowBitConfig, RunConfig
+from llmstack.config.schema import EngineConfig, LowBitConfig, RunConfig
 from llmstack.errors import ConfigError
 from llmstack.serving.plan import LaunchPlan
 
 # Which environment variable picks the cards an engine sees, per device kind.
 DEVICE_SELECTOR_ENV = {"cuda": "CUDA_VISIBLE_DEVICES", "xpu": "ZE_AFFINITY_MASK"}
 
-ServerEngineConfig = TypeVar("ServerEngineConfig")
+ServerEngineConfig = TypeVar("ServerEngineConfig", bound=EngineConfig)
 
 # The checkout that holds this launcher: processes we start in another interpreter run the same code.
 SOURCE_ROOT = str(Path(__file__).resolve().parent.parent.parent)
@@ -30,7 +31,7 @@ def source_first_pythonpath(inherited: str) -> str:
 def with_server_defaults(engine_cfg: ServerEngineConfig, run: RunConfig) -> ServerEngineConfig:
     """Fill what every OpenAI-server engine leaves to llmstack: interpreter, served name, context length and
     trust_remote_code, from the running interpreter and the model."""
-    e: Any = engine_cfg
+    e = engine_cfg
     return dataclasses.replace(
         e,
         python=e.python or sys.executable,
@@ -57,6 +58,18 @@ class Engine(Protocol):
 
     def check(self, run: RunConfig) -> list[ConfigError]:
         """Engine-specific rules on a resolved config."""
+        ...
+
+    def device_problems(
+        self, run: RunConfig, low_bits: Callable[[], Sequence[LowBitConfig]]
+    ) -> Iterator[ConfigError]:
+        """Whether the run fits run.device: enough devices, and memory where the engine can tell (checked
+        after the low_bit is known to run there); `low_bits()` lists the formats it could run instead (read
+        only when needed)."""
+        ...
+
+    def memory_summary(self, run: RunConfig) -> str | None:
+        """The memory estimate in one line (for command.sh), or None where the engine has none."""
         ...
 
     def required_module(self, run: RunConfig) -> str:

@@ -8,8 +8,11 @@ the backend can run the asked format on the asked device.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Optional
 
-from llmstack.config.schema import LightweightEngineConfig, LowBitConfig, RunConfig
+from llmstack.config.schema import EngineConfig, LowBitConfig, RunConfig
 from llmstack.engines.base import DEVICE_SELECTOR_ENV, source_first_pythonpath, with_server_defaults
 from llmstack.errors import ConfigError
 from llmstack.serving.plan import LaunchPlan, ReadyProbe
@@ -28,6 +31,37 @@ TRANSFORMERS_LOW_BITS = {"none": None, "fp16": "float16", "bf16": "bfloat16"}
 # ipex-llm's lightweight serving defaults to --low-bit sym_int4.
 IPEX_DEFAULT_LOW_BIT = "sym_int4"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass
+class LightweightEngineConfig(EngineConfig):
+    """llmstack's own worker (`python -m llmstack.workers.lightweight`): continuous batching over transformers
+    or ipex-llm, OpenAI-compatible HTTP. Defaults are documented in configs/engine/lightweight.yaml."""
+
+    name: str = "lightweight"
+    # transformers (cpu, cuda, xpu; low_bit none/fp16/bf16) | ipex_llm (cpu, xpu; ipex-llm's low-bit formats)
+    backend: str = "transformers"
+    # auto | fused (llmstack's decoder for Llama/Mistral/Qwen2) | generic (the model's own forward)
+    # | fast (fused arithmetic, batched prefill, CUDA-graph decode on cuda; workers/backends/fast_llama.py)
+    model_impl: str = "auto"
+    # Sequences decoded together; beyond them up to max_waiting_requests queue, then 503.
+    max_batch_size: int = 16
+    max_waiting_requests: int = 256
+    # auto | float32 | bfloat16 | float16 (low_bit fp16/bf16 set it for the transformers backend)
+    dtype: str = "auto"
+    # torch.set_num_threads in the worker; None: on cpu all cores but one (left to HTTP), else torch's.
+    torch_threads: Optional[int] = None
+    # The scheduler and model in their own process (no GIL shared with HTTP); false: a thread of the server.
+    model_process: bool = True
+    log_level: str = "info"
+    # Request limits (llmstack.workers.protocol.WorkerOptions says why each is there).
+    max_stop_strings: int = 4
+    max_stop_string_chars: int = 1024
+    max_request_bytes: int = 16 * 1024 * 1024
+    max_prompt_chars: Optional[int] = None
+    trust_request_chat_template: bool = False
+    stall_timeout_s: float = 60.0
+    startup_timeout_s: float = 600.0
 
 
 class LightweightEngine:
@@ -114,6 +148,14 @@ class LightweightEngine:
         if e.log_level not in LOG_LEVELS:
             errors.append(ConfigError("engine.log_level", e.log_level, "is not a log level.", LOG_LEVELS))
         return errors
+
+    def device_problems(
+        self, run: RunConfig, low_bits: Callable[[], Sequence[LowBitConfig]]
+    ) -> Iterator[ConfigError]:
+        return iter(())  # one device, and no model of the worker's memory (yet): nothing is claimed
+
+    def memory_summary(self, run: RunConfig) -> str | None:
+        return None
 
     def required_module(self, run: RunConfig) -> str:
         return "ipex_llm" if run.engine.backend == "ipex_llm" else "transformers"

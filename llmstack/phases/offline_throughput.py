@@ -189,7 +189,11 @@ class OfflineThroughputPhase:
         assert isinstance(bench, OfflineThroughputConfig)
         self.ctx = ctx
         self.bench = bench
-        flavour = getattr(ctx.run.engine, "flavour", "upstream")
+        from llmstack.engines.vllm.config import VllmEngineConfig
+
+        engine = ctx.run.engine
+        # The phase's rules admit engine=vllm only; its flavour picks the in-process class.
+        flavour = engine.flavour if isinstance(engine, VllmEngineConfig) else None
         if flavour not in LLM_CLASSES:
             raise BenchmarkError(f"no in-process engine known for vLLM flavour {flavour!r}")
         self.llm_class = LLM_CLASSES[flavour]

@@ -37,7 +37,7 @@ def profile_engine_conflict(config_dir: Path, overrides: Sequence[str]) -> Confi
          for key, value in item.items() if _OVERRIDE_ENGINE.match(str(key))),
         None,
     )  # fmt: skip
-    from llmstack.config.schema import ENGINE_SCHEMAS
+    from llmstack.engines import ENGINE_SCHEMAS
 
     fields = {f.name for f in dataclasses.fields(ENGINE_SCHEMAS[engine_schema])}
     foreign = sorted(set(profile_doc.get("engine") or {}) - fields)

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from llmstack.config.schema import LowBitConfig, ModelArchitecture, RunConfig
+from llmstack.engines.vllm.config import VllmEngineConfig
 from llmstack.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -170,19 +171,24 @@ def gib(nbytes: float) -> str:
     return f"{nbytes / GIB:.2f}"
 
 
-def weight_bits(run: RunConfig, low_bit: LowBitConfig) -> tuple[float, float]:
+def vllm_config(run: RunConfig) -> VllmEngineConfig | None:
+    """run.engine when it is vLLM's: the estimate models vLLM's memory layout (gpu_memory_utilization,
+    parallelism, KV blocks) and says nothing about other engines."""
+    return run.engine if isinstance(run.engine, VllmEngineConfig) else None
+
+
+def weight_bits(e: VllmEngineConfig, low_bit: LowBitConfig) -> tuple[float, float]:
     """(bits of a transformer-layer weight, bits of an unquantized weight) for this run."""
-    full = 32.0 if run.engine.dtype in FULL_PRECISION_DTYPES else 16.0
+    full = 32.0 if e.dtype in FULL_PRECISION_DTYPES else 16.0
     if low_bit.name in ("none", "auto"):
         return full, full
     return low_bit.bits_per_weight, full
 
 
-def kv_bytes(run: RunConfig) -> int:
-    kv_dtype = getattr(run.engine, "kv_cache_dtype", None) or "auto"
-    if kv_dtype.startswith("fp8"):
+def kv_bytes(e: VllmEngineConfig) -> int:
+    if (e.kv_cache_dtype or "auto").startswith("fp8"):
         return 1
-    return 4 if run.engine.dtype in FULL_PRECISION_DTYPES else 2
+    return 4 if e.dtype in FULL_PRECISION_DTYPES else 2
 
 
 def estimate(
@@ -190,15 +196,14 @@ def estimate(
 ) -> MemoryEstimate | None:
     """The per-card estimate, or None when the device's memory or the model's shape is unknown."""
     shape = Shape.of(run.model.arch)
-    # The estimate models vLLM's memory layout (gpu_memory_utilization, parallelism, KV blocks).
-    if shape is None or run.device.memory_gib is None or not hasattr(run.engine, "gpu_memory_utilization"):
+    e = vllm_config(run)
+    if shape is None or run.device.memory_gib is None or e is None:
         return None
-    e = run.engine
     low_bit = low_bit or run.low_bit
     tp = tp or e.tensor_parallel_size
     pp = e.pipeline_parallel_size
     params = parameter_count(shape)
-    linear_bits, other_bits = weight_bits(run, low_bit)
+    linear_bits, other_bits = weight_bits(e, low_bit)
 
     layers_per_stage = math.ceil(shape.layers / pp)
     linear = params.linear * layers_per_stage / shape.layers / tp
@@ -208,7 +213,7 @@ def estimate(
     norm = layers_per_stage * 2 * shape.hidden + shape.hidden
     weights = math.ceil(linear * linear_bits / 8 + (embedding + norm) * other_bits / 8)
 
-    kv_per_token = 2 * layers_per_stage * math.ceil(shape.kv_heads / tp) * shape.head_dim * kv_bytes(run)
+    kv_per_token = 2 * layers_per_stage * math.ceil(shape.kv_heads / tp) * shape.head_dim * kv_bytes(e)
     return MemoryEstimate(
         params=params,
         linear_bits=linear_bits,
@@ -282,7 +287,8 @@ def _kv_error(run: RunConfig, est: MemoryEstimate) -> ConfigError:
     longest = est.largest_max_model_len
     ways = [f"engine.max_model_len to at most {longest}", "a lower-bit low_bit"]
     shape = Shape.of(run.model.arch)
-    if getattr(run.engine, "flavour", None) != "ipex" or (shape is not None and shape.kv_heads < shape.heads):
+    e = vllm_config(run)
+    if (e is not None and e.flavour != "ipex") or (shape is not None and shape.kv_heads < shape.heads):
         ways.append("engine.kv_cache_dtype=fp8")
     ways.append("more cards (engine.tensor_parallel_size)")
     return ConfigError(
@@ -300,15 +306,15 @@ def allocation_warnings(run: RunConfig) -> list[str]:
     """Single tensors larger than device.max_alloc_gib, each with what to change."""
     limit_gib = run.device.max_alloc_gib
     shape = Shape.of(run.model.arch)
-    if limit_gib is None or shape is None or not hasattr(run.engine, "tensor_parallel_size"):
+    e = vllm_config(run)
+    if limit_gib is None or shape is None or e is None:
         return []
     limit = limit_gib * GIB
-    e = run.engine
     tp = e.tensor_parallel_size
     context = int(e.max_model_len or run.model.max_model_len)
     seqs = e.max_num_seqs or VLLM_DEFAULT_MAX_NUM_SEQS
     batched = e.max_num_batched_tokens
-    _, other_bits = weight_bits(run, run.low_bit)
+    _, other_bits = weight_bits(e, run.low_bit)
     act_bytes = other_bits / 8
 
     candidates: list[tuple[str, float, str]] = [
@@ -331,7 +337,7 @@ def allocation_warnings(run: RunConfig) -> list[str]:
                 "lower engine.max_num_batched_tokens or raise engine.tensor_parallel_size",
             )
         )
-        if getattr(e, "flavour", None) == "ipex":
+        if e.flavour == "ipex":
             # The fork's prefill attention materializes the float32 scores of the padded batch: at most
             # `batched` query tokens against sequences of up to max_model_len keys, per local head.
             candidates.append(

@@ -1,9 +1,14 @@
-"""vLLM's OpenAI-compatible server, upstream or ipex-llm's XPU fork."""
+"""vLLM's OpenAI-compatible server, upstream or ipex-llm's XPU fork: its planner and rules (its schema is in
+`config.py`, its memory-fit estimate in `memory.py`)."""
 
 from __future__ import annotations
 
-from llmstack.config.schema import LowBitConfig, RunConfig, VllmEngineConfig
+from collections.abc import Callable, Iterator, Sequence
+
+from llmstack.config.schema import LowBitConfig, RunConfig
 from llmstack.engines.base import DEVICE_SELECTOR_ENV, with_server_defaults
+from llmstack.engines.vllm import memory
+from llmstack.engines.vllm.config import VllmEngineConfig
 from llmstack.errors import ConfigError
 from llmstack.serving.plan import LaunchPlan, ReadyProbe
 
@@ -43,7 +48,7 @@ class VllmEngine:
 
     def check(self, run: RunConfig) -> list[ConfigError]:
         e: VllmEngineConfig = run.engine
-        errors: list[ConfigError] = []
+        errors: list[ConfigError] = list(_range_problems(e))
         if e.flavour not in FLAVOURS:
             errors.append(
                 ConfigError("engine.flavour", e.flavour, "is not a vLLM flavour.", sorted(FLAVOURS))
@@ -126,6 +131,17 @@ class VllmEngine:
             )
         return errors
 
+    def device_problems(
+        self, run: RunConfig, low_bits: Callable[[], Sequence[LowBitConfig]]
+    ) -> Iterator[ConfigError]:
+        yield from _parallelism_problems(run, run.engine)
+        if run.device.memory_gib is not None:
+            yield from memory.fit_problems(run, low_bits)
+
+    def memory_summary(self, run: RunConfig) -> str | None:
+        est = memory.estimate(run)
+        return None if est is None else est.summary()
+
     def required_module(self, run: RunConfig) -> str:
         return FLAVOURS[run.engine.flavour].split(".")[0]
 
@@ -204,3 +220,34 @@ class VllmEngine:
 
 def _optional(flag: str, value: object) -> list[str]:
     return [] if value is None else [flag, str(value)]
+
+
+def _range_problems(e: VllmEngineConfig) -> Iterator[ConfigError]:
+    for key, value in {
+        "engine.tensor_parallel_size": e.tensor_parallel_size,
+        "engine.pipeline_parallel_size": e.pipeline_parallel_size,
+        "engine.max_num_seqs": e.max_num_seqs,
+        "engine.max_num_batched_tokens": e.max_num_batched_tokens,
+        "engine.cpu_kvcache_space_gib": e.cpu_kvcache_space_gib,
+    }.items():
+        if value is not None and value < 1:
+            yield ConfigError(key, value, "must be at least 1.")
+    gmu = e.gpu_memory_utilization
+    if gmu is not None and not 0 < gmu <= 1:
+        yield ConfigError("engine.gpu_memory_utilization", gmu, "is a fraction of device memory, in (0, 1].")
+
+
+def _parallelism_problems(run: RunConfig, e: VllmEngineConfig) -> Iterator[ConfigError]:
+    wanted = e.tensor_parallel_size * e.pipeline_parallel_size
+    available = run.device.count
+    if run.device.ids is not None:
+        available = len(run.device.ids) if available is None else min(available, len(run.device.ids))
+    if available is not None and wanted > available:
+        yield ConfigError(
+            "engine.tensor_parallel_size",
+            e.tensor_parallel_size,
+            f"tensor x pipeline parallel = {e.tensor_parallel_size} x {e.pipeline_parallel_size} = {wanted} "
+            f"devices, but device={run.device.name} has {available}.",
+            hint="Lower engine.tensor_parallel_size or engine.pipeline_parallel_size, or set device.count "
+            "when planning for another machine.",
+        )

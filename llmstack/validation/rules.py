@@ -45,11 +45,12 @@ def config_problems(run: RunConfig, config_dir: Path) -> Iterator[ConfigError]:
         yield ConfigError(
             "low_bit",
             run.low_bit.name,
-            f"{_engine_label(run)} on device={run.device.name} cannot run it: {reason}",
+            f"{run.engine.label()} on device={run.device.name} cannot run it: {reason}",
             valid_low_bits(run, config_dir),
         )
-    yield from _parallelism_problems(run)
-    yield from _memory_problems(run, config_dir)
+    yield from engine.device_problems(
+        run, lambda: [load_low_bit(config_dir, name) for name in valid_low_bits(run, config_dir)]
+    )
     yield from _benchmark_problems(run)
 
 
@@ -73,7 +74,7 @@ def host_problems(run: RunConfig) -> Iterator[ConfigError]:
         yield ConfigError(
             "engine.python",
             e.python,
-            f"cannot import '{module}', which {_engine_label(run)} needs.",
+            f"cannot import '{module}', which {run.engine.label()} needs.",
             hint="Install it there (pip install -e '.[cpu]' for vLLM on CPU) or point engine.python at "
             "an interpreter that has it.",
         )
@@ -165,28 +166,16 @@ def _is_executable(path: str | None) -> bool:
     return bool(path) and os.path.isfile(str(path)) and os.access(str(path), os.X_OK)
 
 
-def _engine_label(run: RunConfig) -> str:
-    flavour = getattr(run.engine, "flavour", None)
-    return f"engine={run.engine.name} ({flavour})" if flavour else f"engine={run.engine.name}"
-
-
 def _range_problems(run: RunConfig) -> Iterator[ConfigError]:
     e = run.engine
     if not 0 <= e.port <= 65535:
         yield ConfigError("engine.port", e.port, "is not a TCP port (0-65535; 0 picks a free one).")
     if not e.host:
         yield ConfigError("engine.host", e.host, "is empty.", hint="Use 127.0.0.1, or 0.0.0.0 to publish.")
-    # Not every engine has every knob (engine=lightweight has no parallelism or vLLM scheduler sizes).
-    positive = {
-        "engine.tensor_parallel_size": getattr(e, "tensor_parallel_size", 1),
-        "engine.pipeline_parallel_size": getattr(e, "pipeline_parallel_size", 1),
-        "engine.max_num_seqs": getattr(e, "max_num_seqs", None),
-        "engine.max_num_batched_tokens": getattr(e, "max_num_batched_tokens", None),
+    for key, value in {
         "engine.max_model_len": e.max_model_len,
-        "engine.cpu_kvcache_space_gib": getattr(e, "cpu_kvcache_space_gib", 1),
         "model.max_model_len": run.model.max_model_len,
-    }
-    for key, value in positive.items():
+    }.items():
         if value is not None and value < 1:
             yield ConfigError(key, value, "must be at least 1.")
     for key, value in {
@@ -195,41 +184,6 @@ def _range_problems(run: RunConfig) -> Iterator[ConfigError]:
     }.items():
         if not value > 0 or math.isinf(value):
             yield ConfigError(key, value, "must be a positive number of seconds.")
-    gmu = getattr(e, "gpu_memory_utilization", None)
-    if gmu is not None and not 0 < gmu <= 1:
-        yield ConfigError("engine.gpu_memory_utilization", gmu, "is a fraction of device memory, in (0, 1].")
-
-
-def _parallelism_problems(run: RunConfig) -> Iterator[ConfigError]:
-    e = run.engine
-    if not hasattr(e, "tensor_parallel_size"):  # a single-device engine (engine=lightweight)
-        return
-    wanted = e.tensor_parallel_size * e.pipeline_parallel_size
-    available = run.device.count
-    if run.device.ids is not None:
-        available = len(run.device.ids) if available is None else min(available, len(run.device.ids))
-    if available is not None and wanted > available:
-        yield ConfigError(
-            "engine.tensor_parallel_size",
-            e.tensor_parallel_size,
-            f"tensor x pipeline parallel = {e.tensor_parallel_size} x {e.pipeline_parallel_size} = {wanted} "
-            f"devices, but device={run.device.name} has {available}.",
-            hint="Lower engine.tensor_parallel_size or engine.pipeline_parallel_size, or set device.count "
-            "when planning for another machine.",
-        )
-
-
-def _memory_problems(run: RunConfig, config_dir: Path) -> Iterator[ConfigError]:
-    """Weights + KV cache against the device's memory (llmstack/config/memory.py), when it is known."""
-    if run.device.memory_gib is None:
-        return
-    if run.engine.name != "vllm":  # the estimate models vLLM's memory layout (gpu_memory_utilization, blocks)
-        return
-    from llmstack.config.memory import fit_problems
-
-    yield from fit_problems(
-        run, lambda: [load_low_bit(config_dir, name) for name in valid_low_bits(run, config_dir)]
-    )
 
 
 def _benchmark_problems(run: RunConfig) -> Iterator[ConfigError]:
