@@ -169,20 +169,15 @@ def merged_devices(
 
 
 def load_profiles(config_dir: Path) -> dict[str, dict[str, Any]]:
-    """Each profile's device plan: kind, count, memory_gib, product (read from the YAML, not composed)."""
-    from omegaconf import OmegaConf
+    """Each profile's device plan: kind, count, memory_gib, product (its own values, not composed)."""
+    from llmstack.config.groups import config_groups
 
+    groups = config_groups(Path(config_dir))
     plans = {}
-    for path in sorted((config_dir / "profile").glob("*.yaml")):
-        raw = OmegaConf.to_container(OmegaConf.load(path))
-        assert isinstance(raw, dict)
-        kind = "auto"
-        for entry in raw.get("defaults") or []:
-            if isinstance(entry, dict):
-                kind = next((v for k, v in entry.items() if k.split()[-1] == "/device"), kind)
-        device = raw.get("device") or {}
-        plans[path.stem] = {
-            "kind": kind,
+    for profile in groups.options("profile"):
+        device = (groups.config("profile", profile) or {}).get("device") or {}
+        plans[profile] = {
+            "kind": groups.picks("profile", profile, "device") or "auto",
             "count": device.get("count") or 1,
             "memory_gib": device.get("memory_gib"),
             "product": device.get("product"),

@@ -42,7 +42,9 @@ def load_low_bit(config_dir: Path, name: str) -> LowBitConfig:
     """One low_bit group option, read from configs/low_bit/<name>.yaml."""
     path = config_dir / "low_bit" / f"{name}.yaml"
     if not path.is_file():
-        choices = sorted(p.stem for p in (config_dir / "low_bit").glob("*.yaml") if p.stem != "auto")
+        from llmstack.config.groups import config_groups
+
+        choices = config_groups(Path(config_dir)).options("low_bit")
         raise ConfigError("low_bit", name, "has no file in configs/low_bit.", choices)
     raw = OmegaConf.load(path)
     raw.pop("defaults", None)

@@ -8,15 +8,10 @@ Profiles (configs/profile/*.yaml) pick their engine (`override /engine: vllm`) a
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from llmstack.errors import ConfigError
-
-_OVERRIDE_ENGINE = re.compile(r"^override\s+/engine$")
-_SCHEMA = re.compile(r"^/schema/engine/(\w+)@_here_$")
 
 
 def profile_engine_conflict(config_dir: Path, overrides: Sequence[str]) -> ConfigError | None:
@@ -28,27 +23,23 @@ def profile_engine_conflict(config_dir: Path, overrides: Sequence[str]) -> Confi
     profile, engine = chosen.get("profile"), chosen.get("engine")
     if not profile or not engine or "," in profile or "," in engine:
         return None
-    profile_doc = _load(config_dir / "profile" / f"{profile}.yaml")
-    engine_schema = _engine_schema(config_dir, engine)
-    if profile_doc is None or engine_schema is None:
-        return None
-    written_for = next(
-        (value for item in profile_doc.get("defaults") or [] if isinstance(item, dict)
-         for key, value in item.items() if _OVERRIDE_ENGINE.match(str(key))),
-        None,
-    )  # fmt: skip
+    from llmstack.config.groups import config_groups
     from llmstack.engines import ENGINE_SCHEMAS
 
+    groups = config_groups(Path(config_dir))
+    profile_values = groups.config("profile", profile)
+    engine_schema = groups.schema("engine", engine)
+    if profile_values is None or engine_schema not in ENGINE_SCHEMAS:
+        return None
+    written_for = groups.picks("profile", profile, "engine")
     fields = {f.name for f in dataclasses.fields(ENGINE_SCHEMAS[engine_schema])}
-    foreign = sorted(set(profile_doc.get("engine") or {}) - fields)
+    foreign = sorted(set(profile_values.get("engine") or {}) - fields)
     if not foreign or written_for is None:
         return None
-    profile_schema = _engine_schema(config_dir, str(written_for))
-    siblings = sorted(
-        p.stem
-        for p in (config_dir / "engine").glob("*.yaml")
-        if _engine_schema(config_dir, p.stem) == profile_schema
-    )
+    profile_schema = groups.schema("engine", written_for)
+    siblings = [
+        option for option in groups.options("engine") if groups.schema("engine", option) == profile_schema
+    ]
     return ConfigError(
         "engine",
         engine,
@@ -58,23 +49,3 @@ def profile_engine_conflict(config_dir: Path, overrides: Sequence[str]) -> Confi
         hint=f"Use profile={profile} with one of those engines, or drop profile= and set device= and the "
         f"engine's own keys on the command line.",
     )
-
-
-def _engine_schema(config_dir: Path, engine: str) -> str | None:
-    doc = _load(config_dir / "engine" / f"{engine}.yaml")
-    if doc is None:
-        return None
-    for item in doc.get("defaults") or []:
-        match = _SCHEMA.match(str(item)) if isinstance(item, str) else None
-        if match:
-            return match.group(1)
-    return None
-
-
-def _load(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    import yaml
-
-    doc = yaml.safe_load(path.read_text())
-    return doc if isinstance(doc, dict) else None

@@ -120,7 +120,9 @@ def valid_low_bits(run: RunConfig, config_dir: Path) -> list[str]:
     from llmstack.engines import get_engine
 
     engine = get_engine(run.engine.name)
-    names = sorted(p.stem for p in (config_dir / "low_bit").glob("*.yaml") if p.stem != "auto")
+    from llmstack.config.groups import config_groups
+
+    names = config_groups(Path(config_dir)).options("low_bit")
     return [n for n in names if engine.low_bit_problem(run, load_low_bit(config_dir, n)) is None]
 
 
