@@ -11,7 +11,7 @@ from typing import Any, Protocol, TypeVar
 
 from llmstack.config.schema import EngineConfig, LowBitConfig, RunConfig
 from llmstack.errors import ConfigError
-from llmstack.serving.plan import LaunchPlan
+from llmstack.serving.plan import LaunchPlan, ReadyProbe
 
 # Which environment variable picks the cards an engine sees, per device kind.
 DEVICE_SELECTOR_ENV = {"cuda": "CUDA_VISIBLE_DEVICES", "xpu": "ZE_AFFINITY_MASK"}
@@ -38,6 +38,33 @@ def with_server_defaults(engine_cfg: ServerEngineConfig, run: RunConfig) -> Serv
         served_model_name=e.served_model_name or run.model.served_name,
         max_model_len=e.max_model_len or run.model.max_model_len,
         trust_remote_code=run.model.trust_remote_code if e.trust_remote_code is None else e.trust_remote_code,
+    )
+
+
+def device_and_key_env(run: RunConfig, api_key_env: str) -> dict[str, str]:
+    """What every server engine's environment gets: the cards it may see (device.ids), the API key (through
+    the environment, so it does not show in `ps`), then device.env and engine.extra_env, which win."""
+    env: dict[str, str] = {}
+    selector = DEVICE_SELECTOR_ENV.get(run.device.name)
+    if selector and run.device.ids is not None:
+        env[selector] = ",".join(str(i) for i in run.device.ids)
+    if run.engine.api_key:
+        env[api_key_env] = run.engine.api_key
+    env.update(run.device.env)
+    env.update(run.engine.extra_env)
+    return env
+
+
+def ready_probe(e: EngineConfig) -> ReadyProbe:
+    """The readiness probe of a server engine: its own host (a wildcard bind probed on loopback) and port."""
+    probe_host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(e.host, e.host)
+    if ":" in probe_host:
+        probe_host = f"[{probe_host}]"
+    return ReadyProbe(
+        base_url=f"http://{probe_host}:{e.port}",
+        served_name=str(e.served_model_name),
+        api_key=e.api_key,
+        timeout_s=e.startup_timeout_s,
     )
 
 

@@ -13,9 +13,14 @@ from dataclasses import dataclass
 from typing import Optional
 
 from llmstack.config.schema import EngineConfig, LowBitConfig, RunConfig
-from llmstack.engines.base import DEVICE_SELECTOR_ENV, source_first_pythonpath, with_server_defaults
+from llmstack.engines.base import (
+    device_and_key_env,
+    ready_probe,
+    source_first_pythonpath,
+    with_server_defaults,
+)
 from llmstack.errors import ConfigError
-from llmstack.serving.plan import LaunchPlan, ReadyProbe
+from llmstack.serving.plan import LaunchPlan
 from llmstack.workers.protocol import (
     API_KEY_ENV,
     BACKEND_DEVICES,
@@ -197,28 +202,11 @@ class LightweightEngine:
         argv = [str(e.python), "-m", LIGHTWEIGHT_MODULE, *self.worker_options(run).to_argv(), *e.extra_args]
         # The worker's code comes from this checkout, so its flags always match the ones rendered here.
         env: dict[str, str] = {"PYTHONPATH": source_first_pythonpath(os.environ.get("PYTHONPATH", ""))}
-        selector = DEVICE_SELECTOR_ENV.get(run.device.name)
-        if selector and run.device.ids is not None:
-            env[selector] = ",".join(str(i) for i in run.device.ids)
-        if e.api_key:
-            # Through the environment, so the key does not show in `ps`.
-            env[API_KEY_ENV] = e.api_key
-        env.update(run.device.env)
-        env.update(e.extra_env)
-
-        probe_host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(e.host, e.host)
-        if ":" in probe_host:
-            probe_host = f"[{probe_host}]"
-        probe = ReadyProbe(
-            base_url=f"http://{probe_host}:{e.port}",
-            served_name=str(e.served_model_name),
-            api_key=e.api_key,
-            timeout_s=e.startup_timeout_s,
-        )
+        env.update(device_and_key_env(run, API_KEY_ENV))
         return LaunchPlan(
             engine=f"lightweight-{e.backend}",
             argv=tuple(argv),
             env=env,
-            probe=probe,
+            probe=ready_probe(e),
             shutdown_grace_s=e.shutdown_grace_s,
         )

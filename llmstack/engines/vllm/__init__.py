@@ -6,11 +6,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 
 from llmstack.config.schema import LowBitConfig, RunConfig
-from llmstack.engines.base import DEVICE_SELECTOR_ENV, with_server_defaults
+from llmstack.engines.base import device_and_key_env, ready_probe, with_server_defaults
 from llmstack.engines.vllm import memory
 from llmstack.engines.vllm.config import VllmEngineConfig
 from llmstack.errors import ConfigError
-from llmstack.serving.plan import LaunchPlan, ReadyProbe
+from llmstack.serving.plan import LaunchPlan
 
 FLAVOURS = {
     "upstream": "vllm.entrypoints.openai.api_server",
@@ -191,29 +191,12 @@ class VllmEngine:
         if e.flavour == "ipex":
             # The fork reads it for MoE layers; it must equal --load-in-low-bit.
             env["IPEX_LLM_LOWBIT"] = str(low_bit.ipex)
-        selector = DEVICE_SELECTOR_ENV.get(run.device.name)
-        if selector and run.device.ids is not None:
-            env[selector] = ",".join(str(i) for i in run.device.ids)
-        if e.api_key:
-            # Through the environment, so the key does not show in `ps`.
-            env["VLLM_API_KEY"] = e.api_key
-        env.update(run.device.env)
-        env.update(e.extra_env)
-
-        probe_host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(e.host, e.host)
-        if ":" in probe_host:
-            probe_host = f"[{probe_host}]"
-        probe = ReadyProbe(
-            base_url=f"http://{probe_host}:{e.port}",
-            served_name=e.served_model_name,
-            api_key=e.api_key,
-            timeout_s=e.startup_timeout_s,
-        )
+        env.update(device_and_key_env(run, "VLLM_API_KEY"))
         return LaunchPlan(
             engine=f"vllm-{e.flavour}",
             argv=tuple(argv),
             env=env,
-            probe=probe,
+            probe=ready_probe(e),
             shutdown_grace_s=e.shutdown_grace_s,
         )
 
