@@ -16,10 +16,8 @@ The supervisor knows nothing about engines: it only runs a LaunchPlan.
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import ctypes
-import errno
+import functools
 import logging
 import os
 import signal
@@ -31,12 +29,14 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import IO, TYPE_CHECKING
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from llmstack import interrupts
 from llmstack.errors import EngineError, Interrupted
+from llmstack.pdeathsig import die_with_parent
 from llmstack.serving import proctree
+from llmstack.serving.log_copier import LOG_TAIL_LINES, LogCopier
 from llmstack.serving.plan import LaunchPlan
 
 if TYPE_CHECKING:
@@ -44,13 +44,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-LOG_TAIL_LINES = 40
 HEARTBEAT_S = 10.0
 # A process that had been running this long when the engine became ready took part in loading it: its
 # death later is the engine's death. (Younger ones may be short-lived helpers caught by chance.)
 _MEMBER_MIN_AGE_S = 1.0
 _HEALTH_TIMEOUT_S = 5.0
-_PR_SET_PDEATHSIG = 1
 
 
 class ServerProcess:
@@ -65,7 +63,7 @@ class ServerProcess:
         self.echo = echo
         self.mark = uuid.uuid4().hex
         self.proc: subprocess.Popen[bytes] | None = None
-        self._log: _LogCopier | None = None
+        self._log: LogCopier | None = None
         self._guardian: subprocess.Popen[bytes] | None = None
         # The engine's processes when it became ready (see `health_problem`).
         self._members: set[proctree.Member] = set()
@@ -104,11 +102,14 @@ class ServerProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            # In the child: SIGTERM if llmstack itself dies, even by SIGKILL.
+            preexec_fn=functools.partial(die_with_parent, signal.SIGTERM)
+            if sys.platform == "linux"
+            else None,
         )
         self._tell_guardian(f"watch {self.proc.pid}")
         assert self.proc.stdout is not None
-        self._log = _LogCopier(self.proc.stdout, self.log_path, lambda: self.echo)
+        self._log = LogCopier(self.proc.stdout, self.log_path, lambda: self.echo)
         self._log.start()
 
     @property
@@ -358,85 +359,6 @@ class ServerProcess:
             guardian.wait()
 
 
-class _LogCopier:
-    """Copies the engine's output to its log file, keeps its last lines, and echoes them.
-
-    It never stops reading: an engine whose output nobody drains blocks in its next write, and with it the
-    health probe and the benchmark. If the file cannot be written, what follows is dropped and counted,
-    and `error` says why.
-    """
-
-    def __init__(
-        self, source: IO[bytes], path: Path, echo: Callable[[], Callable[[str], None] | None]
-    ) -> None:
-        self.source = source
-        self.path = path
-        self.echo = echo
-        self.error: str | None = None
-        self.dropped_bytes = 0
-        self.last_read = time.monotonic()
-        self._tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
-        self._thread = threading.Thread(target=self._run, name="engine-log", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def tail(self, lines: int) -> list[str]:
-        return list(self._tail)[-lines:]
-
-    def join(self, timeout: float) -> None:
-        self._thread.join(timeout)
-
-    def wait_quiet(self, quiet_s: float = 0.2, at_most_s: float = 1.0) -> None:
-        """Until the source has ended, or said nothing for `quiet_s` (bounded by `at_most_s`)."""
-        deadline = time.monotonic() + at_most_s
-        while self._thread.is_alive() and time.monotonic() < deadline:
-            if time.monotonic() - self.last_read >= quiet_s:
-                return
-            self._thread.join(0.02)
-
-    def _run(self) -> None:
-        log = self._open()
-        for raw in iter(self.source.readline, b""):
-            self.last_read = time.monotonic()
-            if log is not None:
-                try:
-                    log.write(raw)
-                    log.flush()
-                except OSError as exc:
-                    self._failed(exc)
-                    with contextlib.suppress(OSError):
-                        log.close()
-                    log = None
-            if log is None:
-                self.dropped_bytes += len(raw)
-            line = raw.decode("utf-8", errors="replace").rstrip()
-            self._tail.append(line)
-            echo = self.echo()
-            if echo is not None:
-                with contextlib.suppress(Exception):  # a closed terminal must not stop the draining
-                    echo(line)
-        self.source.close()
-        if log is not None:
-            with contextlib.suppress(OSError):
-                log.close()
-
-    def _open(self) -> IO[bytes] | None:
-        try:
-            return open(self.path, "ab")  # closed at the end of _run
-        except OSError as exc:
-            self._failed(exc)
-            return None
-
-    def _failed(self, exc: OSError) -> None:
-        what = "the disk is full" if exc.errno == errno.ENOSPC else "it cannot be written"
-        self.error = (
-            f"the engine's log {self.path} is lost: {what} ({exc.strerror or exc}); its output is "
-            "still read, and dropped"
-        )
-        logger.error("%s", self.error)
-
-
 def run_to_completion(
     plan: LaunchPlan,
     log_path: Path,
@@ -481,12 +403,6 @@ def _port_of(url: str) -> int | None:
         return urlsplit(url).port
     except ValueError:
         return None
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM if llmstack itself dies, even by SIGKILL (Linux prctl)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @contextlib.contextmanager

@@ -19,7 +19,6 @@ and waits for its `ModelFacts`; `model_client.ProcessModelClient` then speaks to
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -29,12 +28,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from llmstack.pdeathsig import die_with_parent
 from llmstack.workers.backends.base import BackendInfo
 from llmstack.workers.protocol import WorkerOptions
 
 logger = logging.getLogger("llmstack.workers.model_process")
 
-_PR_SET_PDEATHSIG = 1
 # Seconds to wait for the model process to load the model and say it is ready.
 LOAD_TIMEOUT_S = 3600.0
 
@@ -99,9 +98,7 @@ class ModelProcess:
 def main(inbox: Any, outbox: Any, options: WorkerOptions) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if sys.platform == "linux":
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    die_with_parent(signal.SIGKILL)
     logging.basicConfig(
         level=options.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
