@@ -211,3 +211,36 @@ def test_no_module_over_the_size_limit() -> None:
         if not any(line.strip().startswith("Size:") for line in docstring.splitlines()):
             oversized.append(f"{path.relative_to(ROOT)}: {lines} lines")
     assert oversized == []
+
+
+def test_every_lazy_registry_entry_imports() -> None:
+    # The engine and phase tables name their modules as strings (imported when picked), which neither
+    # import-linter nor the graph above sees: a renamed module must fail here, not at a user's run.
+    from llmstack.engines import _ENGINES, ENGINE_SCHEMAS
+    from llmstack.phases.registry import PHASES, benchmark_schemas
+
+    for registry in (_ENGINES, ENGINE_SCHEMAS, PHASES):
+        loaded = dict(registry.items())
+        assert sorted(loaded) == registry.names() and all(loaded.values())
+    assert sorted(benchmark_schemas()) == sorted(["none", *PHASES.names()])
+    assert ENGINE_SCHEMAS.names() == _ENGINES.names()
+
+
+def test_a_dry_run_imports_only_what_it_picked() -> None:
+    # A repeated benchmark=none dry run (compose cache warm: Hydra, which needs every schema, does not
+    # run) imports no phase module and no engine it did not pick; docs/performance.md's launch figures
+    # depend on it.
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = ['llmstack', 'device=cpu', 'engine=lightweight', 'benchmark=none', 'dry_run=true']\n"
+        "try:\n    runpy.run_module('llmstack', run_name='__main__')\n"
+        "except SystemExit as e:\n    assert not e.code, e.code\n"
+        "print('MODULES', ' '.join(m for m in sys.modules if m.startswith('llmstack.')))"
+    )
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    loaded = set(out.stdout.rpartition("MODULES ")[2].split())
+    assert "llmstack.engines.lightweight" in loaded
+    assert not {m for m in loaded if m.startswith(("llmstack.engines.vllm", "llmstack.phases.online"))}
+    assert not loaded & {"llmstack.phases.runner", "llmstack.phases.common", "llmstack.bench.http"}

@@ -19,7 +19,7 @@ from llmstack.errors import ConfigError
 from llmstack.phases.multimodal import MultimodalBenchmarkConfig
 from llmstack.phases.offline_throughput import OfflineThroughputConfig
 from llmstack.phases.online import OnlineBenchmarkConfig
-from llmstack.phases.registry import BENCHMARK_SCHEMAS, benchmark_problems
+from llmstack.phases.registry import benchmark_problems, benchmark_schema
 from llmstack.phases.rps import RpsBenchmarkConfig
 from llmstack.validation import validate
 
@@ -49,7 +49,7 @@ def test_every_benchmark_option_composes_into_its_phase_schema(
     run = to_run_config(compose_cfg(f"benchmark={option}"))
     assert type(run.benchmark) is schema
     assert run.benchmark.name == option
-    assert BENCHMARK_SCHEMAS[run.benchmark.phase] is schema
+    assert benchmark_schema(run.benchmark.phase) is schema
 
 
 def test_the_options_are_exactly_the_phases_and_presets() -> None:

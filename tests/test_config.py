@@ -52,7 +52,7 @@ def test_groups_have_the_required_options() -> None:
 def test_every_group_option_composes_typed(compose_cfg, group: str, option: str) -> None:
     run = to_run_config(compose_cfg(f"{group}={option}"))
     assert isinstance(run, RunConfig)
-    assert isinstance(run.engine, tuple(ENGINE_SCHEMAS.values()))
+    assert isinstance(run.engine, tuple(schema for _, schema in ENGINE_SCHEMAS.items()))
     assert isinstance(run.model, ModelConfig)
     assert isinstance(run.low_bit, LowBitConfig)
     assert isinstance(run.device, DeviceConfig)

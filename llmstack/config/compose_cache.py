@@ -63,15 +63,15 @@ def load(config_dir: Path, args: list[str]) -> DictConfig | None:
         return None
     from llmstack.config.schema import RunConfig
     from llmstack.engines import ENGINE_SCHEMAS
-    from llmstack.phases.registry import BENCHMARK_SCHEMAS
+    from llmstack.phases.registry import benchmark_schema
 
-    engine_schema = ENGINE_SCHEMAS.get(str(raw.get("engine", {}).get("name")))
-    benchmark_schema = BENCHMARK_SCHEMAS.get(str(raw.get("benchmark", {}).get("phase")))
-    if engine_schema is None or benchmark_schema is None:
+    engine = ENGINE_SCHEMAS.get(str(raw.get("engine", {}).get("name")))
+    benchmark = benchmark_schema(str(raw.get("benchmark", {}).get("phase")))
+    if engine is None or benchmark is None:
         return None
     typed = OmegaConf.structured(RunConfig)
-    typed.engine = OmegaConf.structured(engine_schema)
-    typed.benchmark = OmegaConf.structured(benchmark_schema)
+    typed.engine = OmegaConf.structured(engine)
+    typed.benchmark = OmegaConf.structured(benchmark)
     return OmegaConf.merge(typed, raw)  # type: ignore[return-value]
 
 

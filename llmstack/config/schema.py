@@ -129,7 +129,7 @@ class EngineConfig:
 @dataclass
 class BenchmarkConfig:
     """Base of every benchmark phase's schema; each phase's own lives beside its code in llmstack/phases/
-    (`llmstack.phases.registry.BENCHMARK_SCHEMAS`). `phase` picks the code that runs; `name` is the option's
+    (`llmstack.phases.registry.benchmark_schemas`). `phase` picks the code that runs; `name` is the option's
     own name (smoke and online are both the online phase). Seed defaults and every knob are documented in
     configs/benchmark/*.yaml."""
 

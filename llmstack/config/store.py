@@ -9,7 +9,7 @@ from llmstack.config.schema import DeviceConfig, LowBitConfig, ModelConfig, RunC
 # Each engine's schema lives beside its planner (llmstack/engines/), each phase's beside the phase
 # (llmstack/phases/); the registries list them.
 from llmstack.engines import ENGINE_SCHEMAS
-from llmstack.phases.registry import BENCHMARK_SCHEMAS
+from llmstack.phases.registry import benchmark_schemas
 
 
 def register_schemas() -> None:
@@ -26,5 +26,5 @@ def register_schemas() -> None:
     cs.store(group="schema/model", name="model", node=ModelConfig)
     cs.store(group="schema/low_bit", name="low_bit", node=LowBitConfig)
     cs.store(group="schema/device", name="device", node=DeviceConfig)
-    for phase, schema in BENCHMARK_SCHEMAS.items():
+    for phase, schema in benchmark_schemas().items():
         cs.store(group="schema/benchmark", name=phase, node=schema)

@@ -9,24 +9,24 @@ and its rules; this registry knows their names, schemas, rules and whether they 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from llmstack.config.schema import BenchmarkConfig, RunConfig
 from llmstack.errors import ConfigError
-from llmstack.phases import multimodal, offline_throughput, online, rps
-from llmstack.phases.common import PhaseContext
-from llmstack.results.rundir import RunDir
-from llmstack.serving.plan import LaunchPlan
+from llmstack.lazy_registry import LazyRegistry
+
+if TYPE_CHECKING:
+    from llmstack.results.rundir import RunDir
+    from llmstack.serving.plan import LaunchPlan
 
 __all__ = [
-    "BENCHMARK_SCHEMAS",
     "PHASES",
-    "PhaseContext",
     "PreparedPhase",
     "benchmark_host_problems",
     "benchmark_problems",
+    "benchmark_schema",
+    "benchmark_schemas",
     "needs_server",
     "prepare_phase",
 ]
@@ -38,47 +38,48 @@ class PreparedPhase(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class PhaseSpec:
-    # `CONFIG` (the schema), `problems(run, b)`, `host_problems(run, b)`, `prepare(ctx) -> PreparedPhase`.
-    module: ModuleType
-    needs_server: bool = True
+# benchmark.phase -> its module: the schema `CONFIG`, `problems(run, b)`, `host_problems(run, b)` and
+# `prepare(ctx) -> PreparedPhase`. Imported when picked (or when Hydra composes: config/store.py).
+PHASES: LazyRegistry[ModuleType] = LazyRegistry(
+    {
+        "online": "llmstack.phases.online",
+        "multimodal": "llmstack.phases.multimodal",
+        "rps": "llmstack.phases.rps",
+        "offline_throughput": "llmstack.phases.offline_throughput",
+    }
+)
+# The phases that run instead of the engine's server rather than against it.
+_SERVERLESS = frozenset({"offline_throughput"})
 
-    @property
-    def schema(self) -> type[BenchmarkConfig]:
-        return self.module.CONFIG  # type: ignore[no-any-return]
+
+def benchmark_schema(phase: str) -> type[BenchmarkConfig] | None:
+    """The schema of a benchmark.phase; `none` serves until interrupted and has only the base's options."""
+    if phase == "none":
+        return BenchmarkConfig
+    module = PHASES.get(phase)
+    return None if module is None else module.CONFIG  # type: ignore[no-any-return]
 
 
-PHASES: dict[str, PhaseSpec] = {
-    "online": PhaseSpec(online),
-    "multimodal": PhaseSpec(multimodal),
-    "rps": PhaseSpec(rps),
-    "offline_throughput": PhaseSpec(offline_throughput, needs_server=False),
-}
-
-# benchmark.phase -> its schema; the benchmark group's YAMLs start from these (config/store.py registers
-# them). `none` serves until interrupted and has no options beyond the base's.
-BENCHMARK_SCHEMAS: dict[str, type[BenchmarkConfig]] = {
-    "none": BenchmarkConfig,
-    **{name: spec.schema for name, spec in PHASES.items()},
-}
+def benchmark_schemas() -> dict[str, type[BenchmarkConfig]]:
+    """Every phase's schema (importing every phase); the benchmark group's YAMLs start from these."""
+    return {"none": BenchmarkConfig, **{name: module.CONFIG for name, module in PHASES.items()}}
 
 
 def needs_server(phase: str) -> bool:
     """Whether a run with this benchmark phase starts the engine's server (`none` serves, so it does)."""
-    spec = PHASES.get(phase)
-    return spec is None or spec.needs_server
+    return phase not in _SERVERLESS
 
 
 def benchmark_problems(run: RunConfig) -> Iterator[ConfigError]:
     """Config rules: the phase is known and composed with its own options, then the phase's own rules."""
     b = run.benchmark
     phase = b.phase
-    if phase not in BENCHMARK_SCHEMAS:
-        yield ConfigError("benchmark.phase", phase, "is not a benchmark phase.", sorted(BENCHMARK_SCHEMAS))
+    schema = benchmark_schema(phase)
+    if schema is None:
+        yield ConfigError("benchmark.phase", phase, "is not a benchmark phase.", ["none", *PHASES.names()])
         return
-    if type(b) is not BENCHMARK_SCHEMAS[phase]:
-        composed = next(p for p, schema in BENCHMARK_SCHEMAS.items() if type(b) is schema)
+    if type(b) is not schema:
+        composed = next(p for p, s in benchmark_schemas().items() if type(b) is s)
         yield ConfigError(
             "benchmark.phase",
             phase,
@@ -88,17 +89,17 @@ def benchmark_problems(run: RunConfig) -> Iterator[ConfigError]:
             "benchmark.phase.",
         )
         return
-    spec = PHASES.get(phase)
-    if spec is not None:
-        yield from spec.module.problems(run, b)
+    module = PHASES.get(phase)
+    if module is not None:
+        yield from module.problems(run, b)
 
 
 def benchmark_host_problems(run: RunConfig) -> Iterator[ConfigError]:
     """Host rules (files and programs on this machine; skipped by dry runs)."""
     b = run.benchmark
-    spec = PHASES.get(b.phase)
-    if spec is not None and type(b) is spec.schema:
-        yield from spec.module.host_problems(run, b)
+    module = PHASES.get(b.phase)
+    if module is not None and type(b) is module.CONFIG:
+        yield from module.host_problems(run, b)
 
 
 def prepare_phase(
@@ -112,9 +113,11 @@ def prepare_phase(
 ) -> PreparedPhase | None:
     """The run's benchmark phase, ready to run; None for `none`. `summary` is filled as results come in,
     `save()` writes it to disk, `enter(name)` names the run's current phase."""
-    spec = PHASES.get(run.benchmark.phase)
-    if spec is None:
+    module = PHASES.get(run.benchmark.phase)
+    if module is None:
         return None
+    from llmstack.phases.common import PhaseContext
+
     summary.update({"name": run.benchmark.name, "phase": run.benchmark.phase})
     ctx = PhaseContext(run=run, plan=plan, rundir=rundir, summary=summary, save=save, enter=enter)
-    return spec.module.prepare(ctx)  # type: ignore[no-any-return]
+    return module.prepare(ctx)  # type: ignore[no-any-return]
