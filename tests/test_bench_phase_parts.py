@@ -375,3 +375,39 @@ def test_ctrl_c_while_the_process_is_being_started_still_stops_it(
     finally:
         signal.signal(signal.SIGINT, previous)
     assert wait_no_processes(f"LLMSTACK_TEST_MARK={mark}", timeout=10) == []
+
+
+@pytest.mark.parametrize(("input_len", "fits"), [(512, False), (448, True)])
+def test_chat_prompts_are_checked_with_the_chat_template(
+    compose_cfg, tmp_path: Path, input_len, fits
+) -> None:
+    """README's open-loop chat example: 512 prompt + 512 output tokens fit model=tiny's 1,024 as text, but
+    the chat template adds tokens; vLLM then refused every request (min_tokens > clamped max_tokens). The
+    phase counts the templated prompt before the first request and says what to change."""
+    from llmstack.cli import CONFIG_DIR
+    from llmstack.config.resolve import resolve, to_run_config
+    from llmstack.devices import Inventory
+    from llmstack.engines import get_engine
+    from llmstack.errors import ConfigError
+    from llmstack.models.tiny import ensure_tiny_model
+    from llmstack.phases.registry import prepare_phase
+    from llmstack.results.rundir import RunDir
+
+    ensure_tiny_model()
+    cfg = compose_cfg(
+        "device=cpu", "benchmark=online", "benchmark.endpoint=chat", f"benchmark.input_len={input_len}",
+        "benchmark.num_prompts=4", "benchmark.warmup_requests=1",
+    )  # fmt: skip
+    run = resolve(to_run_config(cfg), Path(CONFIG_DIR), Inventory())
+    plan = get_engine("vllm").plan(run)
+
+    def prepare() -> object:
+        return prepare_phase(run, plan, RunDir(tmp_path), {}, save=lambda: None, enter=lambda _: None)
+
+    if fits:
+        assert prepare() is not None
+        return
+    with pytest.raises(ConfigError, match="chat template") as info:
+        prepare()
+    assert info.value.key == "benchmark.input_len" and "engine.max_model_len=1024" in str(info.value)
+    assert "benchmark.endpoint=completions" in str(info.value)

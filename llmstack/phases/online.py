@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -156,6 +156,8 @@ class OnlinePhase(HttpPhase):
         self.payloads = payloads[w:]
         # The server counts a chat prompt with its template, which we cannot know: no expected length then.
         chat = bench.endpoint == "chat"
+        if chat:
+            check_chat_fits(ctx.run, samples, bench.input_len)
         self.input_lens: list[int | None] = [None if chat else s.input_tokens for s in samples[w:]]
         ctx.summary.update({"endpoint": bench.endpoint, "dataset": bench.dataset, "levels": []})
 
@@ -192,3 +194,46 @@ class OnlinePhase(HttpPhase):
             seed=bench.seed,
             input_lens=input_lens,
         )
+
+
+def check_chat_fits(run: RunConfig, samples: Sequence[Any], input_len: int) -> None:
+    """A chat prompt is longer on the server than its text: the model's chat template wraps it. The config
+    rule could check only the text's length; here, with the model's tokenizer, the longest prompts are
+    counted as the server will count them, before the first request (a server would clamp max_tokens and
+    refuse min_tokens, failing every request)."""
+    context = run.engine.max_model_len
+    if context is None or not samples:
+        return
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(
+            run.model.tokenizer or str(run.model.path), trust_remote_code=bool(run.model.trust_remote_code)
+        )
+        if not tokenizer.chat_template:
+            return
+        longest = sorted(samples, key=lambda s: s.input_tokens or len(s.prompt), reverse=True)[:8]
+        lengths = [(_templated_length(tokenizer, sample.prompt), sample.output_len) for sample in longest]
+    except Exception as exc:  # no transformers, or a tokenizer it cannot load: the server will say
+        logger.debug("chat prompts not counted with the template: %s", exc)
+        return
+    for templated, output_len in lengths:
+        if templated + output_len > context:
+            excess = templated + output_len - context
+            raise ConfigError(
+                "benchmark.input_len",
+                input_len,
+                f"with the model's chat template a prompt is {templated} tokens; + {output_len} output = "
+                f"{templated + output_len} tokens exceed the served context engine.max_model_len={context}.",
+                hint=f"Shorten benchmark.input_len or benchmark.output_len by {excess} tokens or more, use "
+                "benchmark.endpoint=completions, or raise engine.max_model_len.",
+            )
+
+
+def _templated_length(tokenizer: Any, prompt: str) -> int:
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+    )
+    if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+        ids = ids["input_ids"]
+    return len(ids)
