@@ -8,6 +8,7 @@ import os
 import re
 import sys
 import traceback
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from llmstack.config import CONFIG_DIR
@@ -128,9 +129,47 @@ def _hydra_task(cfg: DictConfig) -> None:
     from llmstack.config import compose_cache
 
     compose_cache.store(CONFIG_DIR, sys.argv[1:], cfg)
-    code = run_task(cfg)
+    with _without_hydra_full_error():  # the engines llmstack starts get the user's environment
+        code = run_task(cfg)
     if code:
         raise SystemExit(code)
+
+
+# Set while Hydra composes, so that Hydra's run_and_report raises its errors instead of printing them: the
+# CLI says them in one paragraph (llmstack/config/hydra_errors.py).
+_HYDRA_RAISES = "HYDRA_FULL_ERROR"
+_hydra_raises_set_by_us = False
+
+
+@contextlib.contextmanager
+def _without_hydra_full_error() -> Iterator[None]:
+    if not _hydra_raises_set_by_us:
+        yield
+        return
+    os.environ.pop(_HYDRA_RAISES, None)
+    try:
+        yield
+    finally:
+        os.environ[_HYDRA_RAISES] = "1"
+
+
+def _report_hydra_error(exc: Exception) -> int:
+    from llmstack.config.hydra_errors import describe
+
+    if _full_error():
+        traceback.print_exc()
+    error = describe(exc, sys.argv[1:], CONFIG_DIR)
+    if error is not None:
+        print(scrubbed(f"llmstack: {error}"), file=sys.stderr)
+        return error.exit_code if not _task_started else 1
+    from hydra.errors import HydraException
+
+    hint = "" if _full_error() else " (LLMSTACK_FULL_ERROR=1 shows Hydra's full message)"
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    if not isinstance(exc, HydraException):
+        text = describe_unexpected(exc)
+    print(scrubbed(f"llmstack: {text}{hint}"), file=sys.stderr)
+    return 2 if isinstance(exc, HydraException) and not _task_started else 1
 
 
 # `benchmark.concurrency=4` means one load level: the list [4] (a grid's sweeper does the same for sweeps).
@@ -162,8 +201,9 @@ def _main_through_hydra() -> int:
     if conflict is not None:
         print(f"llmstack: {conflict}", file=sys.stderr)
         return conflict.exit_code
-    if _full_error():
-        os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    global _hydra_raises_set_by_us
+    _hydra_raises_set_by_us = _HYDRA_RAISES not in os.environ
+    os.environ.setdefault(_HYDRA_RAISES, "1")
     entry = hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")(_hydra_task)
     from llmstack import grid
 
@@ -174,6 +214,11 @@ def _main_through_hydra() -> int:
         if exc.code == 1 and not _task_started:
             return 2
         return exc.code if isinstance(exc.code, int) else 1
+    except Exception as exc:
+        return _report_hydra_error(exc)
+    finally:
+        if _hydra_raises_set_by_us:
+            os.environ.pop(_HYDRA_RAISES, None)
     if grid.last_sweep_failures:
         print(f"llmstack: {grid.last_sweep_failures} grid job(s) failed; see failure.json", file=sys.stderr)
         return min(grid.last_sweep_failures, 125)

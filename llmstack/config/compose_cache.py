@@ -69,14 +69,22 @@ def load(config_dir: Path, args: list[str]) -> DictConfig | None:
     benchmark = benchmark_schema(str(raw.get("benchmark", {}).get("phase")))
     if engine is None or benchmark is None:
         return None
-    typed = OmegaConf.structured(RunConfig)
-    typed.engine = OmegaConf.structured(engine)
-    typed.benchmark = OmegaConf.structured(benchmark)
-    return OmegaConf.merge(typed, raw)  # type: ignore[return-value]
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        typed = OmegaConf.structured(RunConfig)
+        typed.engine = OmegaConf.structured(engine)
+        typed.benchmark = OmegaConf.structured(benchmark)
+        return OmegaConf.merge(typed, raw)  # type: ignore[return-value]
+    except OmegaConfBaseException:  # a key its schema lacks (never stored, so a file of another version)
+        return None
 
 
 def store(config_dir: Path, args: list[str], cfg: DictConfig) -> None:
-    if not cacheable(args):
+    from llmstack.config.unknown_keys import unknown_key_error
+
+    # A config with a key its schema lacks (`+engine.max_num_seq=64`) is refused each time, by Hydra's path.
+    if not cacheable(args) or unknown_key_error(cfg) is not None:
         return
     text = OmegaConf.to_yaml(cfg, resolve=False)
     if any(marker in text for marker in _HYDRA_ONLY_RESOLVERS):

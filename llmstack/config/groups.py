@@ -32,6 +32,21 @@ class ConfigGroups:
             o for o in self._repo.get_group_options(group, results_filter=ObjectType.CONFIG) if o != "auto"
         ]
 
+    def groups(self) -> list[str]:
+        """The groups a command line picks from (`engine`, `profile`, ...); Hydra's and `schema` left out."""
+        from hydra.core.object_type import ObjectType
+
+        found = self._repo.get_group_options("", results_filter=ObjectType.GROUP)
+        return [g for g in found if g not in ("hydra", "schema")]
+
+    def default(self, group: str, primary: str = "config") -> str | None:
+        """The option the primary config's defaults list picks for `group` (`engine: vllm`)."""
+        loaded = self._repo.load_config(primary)
+        for default in loaded.defaults_list if loaded is not None else []:
+            if getattr(default, "group", None) == group:
+                return None if default.value is None else str(default.value)
+        return None
+
     def config(self, group: str, option: str) -> dict[str, Any] | None:
         """The option's own values (its defaults list not applied), or None when it does not exist."""
         from omegaconf import OmegaConf

@@ -22,7 +22,12 @@ DEVICE_CHOICES = ("auto", "cpu", "xpu", "cuda")
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
-    """The composed config as dataclasses; a missing mandatory value becomes a ConfigError."""
+    """The composed config as dataclasses; a key its schema does not have (`+engine.max_num_seq=64`) or a
+    missing mandatory value becomes a ConfigError."""
+    from llmstack.config.unknown_keys import unknown_key_error
+
+    if (unknown := unknown_key_error(cfg)) is not None:
+        raise unknown
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         key = missing[0]
