@@ -73,6 +73,8 @@ class Session:
             "launcher_pid": os.getpid(),
         }
         self._save_error: str | None = None
+        # engine=external: what the server said about itself (llmstack.serving.external), for the records.
+        self.external: dict[str, Any] | None = None
 
     def execute(self) -> dict[str, Any]:
         from llmstack.logs import add_file_logging, file_only_logger
@@ -126,6 +128,9 @@ class Session:
             self._enter("benchmark")
             phase.run(None)  # offline: the phase runs the engine itself
             return
+        if self.plan.external:
+            self._run_external()
+            return
         self._enter("startup")
         echo = _engine_echo if self.run.show_engine_log else _engine_echo_problems
         with ServerProcess(self.plan, self.rundir.file(self.plan.log_name), echo=echo) as server:
@@ -146,6 +151,28 @@ class Session:
                 server.wait()
                 return
             server.echo = _engine_echo_problems  # keep the benchmark output readable
+            self._enter("benchmark")
+            phase.run(server)
+            server.check_healthy("at the end of the benchmark")
+            self._enter("teardown")
+
+    def _run_external(self) -> None:
+        """engine=external: wait until the server answers, settle what only it can tell (served name,
+        context), then benchmark it as a launched one. Nothing is started or stopped."""
+        from llmstack.engines.external import adopt_endpoint
+        from llmstack.phases.registry import benchmark_problems
+        from llmstack.serving.external import ExternalServer
+
+        self._enter("startup")
+        with ExternalServer(self.plan) as server:
+            self.summary["ready_s"] = round(server.wait_ready(), 3)
+            self.external = server.facts
+            self.run, self.plan = adopt_endpoint(self.run, self.plan, server.models)
+            self.summary.update(model=self.run.model.name, external=self.external)
+            for error in benchmark_problems(self.run):  # now with the context the server reported
+                raise error
+            self._record_inputs()
+            phase = self._prepare_benchmark()
             self._enter("benchmark")
             phase.run(server)
             server.check_healthy("at the end of the benchmark")
@@ -202,7 +229,10 @@ class Session:
         self.rundir.write_text("config.yaml", OmegaConf.to_yaml(masked_config(self.run)))
         self.rundir.write_json("plan.json", self.plan.to_dict())
         self.rundir.write_text("command.sh", "#!/usr/bin/env bash\n" + self.plan.shell_command() + "\n")
-        self.rundir.write_json("environment.json", describe_environment(self.plan))
+        environment = describe_environment(self.plan)
+        if self.external is not None:
+            environment["external_server"] = self.external
+        self.rundir.write_json("environment.json", environment)
 
     def _record_doctor(self) -> None:
         """Devices, drivers and the engine interpreter's packages, after the run: never competing with the
@@ -216,6 +246,10 @@ class Session:
 def render_dry_run(run: RunConfig, plan: LaunchPlan) -> str:
     from llmstack.phases.registry import needs_server
 
+    if plan.external:
+        from llmstack.engines.external import describe_dry_run
+
+        return describe_dry_run(run, plan)
     lines = [
         f"# llmstack dry run: {plan.engine}, model={run.model.name}, low_bit={run.low_bit.name}, "
         f"device={run.device.name} (x{run.device.count})",
@@ -242,7 +276,7 @@ def describe_environment(plan: LaunchPlan) -> dict[str, Any]:
     return {
         "llmstack": llmstack.__version__,
         "launcher_python": sys.version.split()[0],
-        "engine_python": plan.interpreter,
+        "engine_python": None if plan.external else plan.interpreter,
         "platform": platform.platform(),
         "hostname": socket.gethostname(),
         "cpu_count": _cpu_count(),

@@ -70,6 +70,9 @@ def ready_probe(e: EngineConfig) -> ReadyProbe:
 
 class Engine(Protocol):
     name: str
+    # Whether the engine starts a server (or an offline process) here; false for engine=external, whose
+    # server is already running elsewhere: host rules (port, model path, interpreter) do not apply.
+    launches: bool
 
     def default_low_bit(self, engine_cfg: Any) -> str:
         """The low_bit option that `low_bit=auto` means for this engine."""

@@ -71,6 +71,7 @@ class LightweightEngineConfig(EngineConfig):
 
 class LightweightEngine:
     name = "lightweight"
+    launches = True
 
     def default_low_bit(self, engine_cfg: LightweightEngineConfig) -> str:
         return IPEX_DEFAULT_LOW_BIT if engine_cfg.backend == "ipex_llm" else "none"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import sys
 from dataclasses import asdict, dataclass
 
 SECRET_ENV_KEYS = ("VLLM_API_KEY", "OPENAI_API_KEY", "HF_TOKEN", "LLMSTACK_API_KEY")
@@ -31,13 +32,19 @@ class LaunchPlan:
     cwd: str | None = None
     log_name: str = "server.log"
     shutdown_grace_s: float = 15.0
+    # A server llmstack did not start and must not stop (engine=external): argv is empty, only the probe
+    # (its URL, served name, key) is used.
+    external: bool = False
 
     @property
     def interpreter(self) -> str:
-        return self.argv[0]
+        """The engine's interpreter; an external plan runs nothing, so the launcher's own."""
+        return self.argv[0] if self.argv else sys.executable
 
     def shell_command(self, mask_secrets: bool = True) -> str:
         """The plan as a shell snippet a user can paste: exports, then the command."""
+        if self.external:
+            return f"# nothing to start: the server at {self.probe.base_url} was started outside llmstack"
         lines = [
             f"export {k}={shlex.quote(self._shown(k, v, mask_secrets))}" for k, v in sorted(self.env.items())
         ]

@@ -32,7 +32,8 @@ def config_problems(run: RunConfig, config_dir: Path) -> Iterator[ConfigError]:
     from llmstack.engines import get_engine
 
     engine = get_engine(run.engine.name)
-    if run.model.path is None:
+    # A server already running elsewhere (engine=external) needs no weights here.
+    if run.model.path is None and engine.launches:
         yield ConfigError(
             "model.path",
             None,
@@ -65,6 +66,9 @@ def host_problems(run: RunConfig) -> Iterator[ConfigError]:
             reason,
             hint="Point results_dir at a writable directory (results_dir=/path/to/results).",
         )
+        return
+    if not get_engine(e.name).launches:  # engine=external: no port, interpreter or weights of ours
+        yield from _benchmark_host_problems(run)
         return
     if not _is_executable(e.python):
         yield ConfigError("engine.python", e.python, "is not an executable interpreter on this machine.")

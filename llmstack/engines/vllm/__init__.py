@@ -25,6 +25,7 @@ KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 
 class VllmEngine:
     name = "vllm"
+    launches = True
 
     def default_low_bit(self, engine_cfg: VllmEngineConfig) -> str:
         return IPEX_DEFAULT_LOW_BIT if engine_cfg.flavour == "ipex" else "none"
