@@ -182,3 +182,86 @@ def test_a_name_the_server_does_not_serve_names_the_ones_it_does(worker: Worker,
     assert "engine.served_model_name=llama: is not served at" in out.stderr
     assert "Valid choices: tiny" in out.stderr
     assert_still_serving(worker)
+
+
+@pytest.mark.integration
+def test_rps_against_a_running_server(worker: Worker, tmp_path: Path) -> None:
+    out = llmstack(f"engine.url={worker.base_url}", "benchmark=rps", "benchmark.input_len=32",
+                   "benchmark.output_len=4", "benchmark.connections=2", "benchmark.duration_s=2",
+                   "benchmark.wrk_threads=1", f"results_dir={tmp_path}", "experiment_name=rps",
+                   env={"LLMSTACK_API_KEY": API_KEY})  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(next((tmp_path / "rps").rglob("bench-c2/result.json")).read_text())
+    assert result["completed"] > 0 and result["failed"] == 0 and result["model_id"] == "tiny"
+    for path in written_files(tmp_path):  # wrk's payload.lua and its command line included
+        assert API_KEY not in path.read_text(errors="replace"), f"the API key was written to {path}"
+    assert_still_serving(worker)
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Real vLLM on CPU, serving the tiny model under another name than the model group's."""
+    from hydra import compose, initialize_config_dir
+
+    from llmstack.cli import CONFIG_DIR
+    from llmstack.config.resolve import resolve, to_run_config
+    from llmstack.config.store import register_schemas
+    from llmstack.devices import Inventory
+    from llmstack.engines import get_engine
+    from llmstack.models.tiny import ensure_tiny_model
+    from llmstack.serving.supervisor import ServerProcess
+
+    register_schemas()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            "device=cpu", f"engine.port={free_port()}", "engine.enforce_eager=true",
+            "engine.served_model_name=tiny-elsewhere",
+        ])  # fmt: skip
+    run = resolve(to_run_config(cfg), Path(CONFIG_DIR), Inventory())
+    ensure_tiny_model()
+    plan = get_engine("vllm").plan(run)
+    proc = ServerProcess(plan, tmp_path_factory.mktemp("vllm") / "server.log")
+    try:
+        proc.start()
+        proc.wait_ready()
+        yield plan.probe.base_url
+        assert proc.alive(), "llmstack stopped a vLLM it did not start"
+    finally:
+        proc.stop()
+
+
+@pytest.mark.integration
+def test_real_vllm_name_context_and_version_come_from_the_server(vllm_server: str, tmp_path: Path) -> None:
+    out = llmstack(f"engine.url={vllm_server}/v1", "benchmark=smoke", "benchmark.num_prompts=4",
+                   f"results_dir={tmp_path}", "experiment_name=vllm")  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_dir = next((tmp_path / "vllm").iterdir())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["model"] == "tiny-elsewhere"
+    assert summary["external"]["version"]["version"]  # vLLM's /version
+    assert summary["external"]["models"]["data"][0]["max_model_len"] == 1024
+    config = (run_dir / "config.yaml").read_text()
+    assert "max_model_len: 1024" in config and "served_model_name: tiny-elsewhere" in config
+    level = json.loads((run_dir / "bench-c4" / "result.json").read_text())
+    assert level["completed"] == 4 and level["model_id"] == "tiny-elsewhere"
+    # vLLM's `root` (the weights it serves) is a local directory here: its tokenizer makes lengths exact.
+    assert level["total_input_tokens"] == 4 * 32
+
+
+@pytest.mark.integration
+def test_health_checks_are_http_checks_of_the_endpoint(worker: Worker) -> None:
+    from llmstack.errors import EngineError
+    from llmstack.serving.external import ExternalServer
+    from llmstack.serving.plan import LaunchPlan, ReadyProbe
+
+    probe = ReadyProbe(worker.base_url, "tiny", api_key=API_KEY, timeout_s=10)
+    with ExternalServer(LaunchPlan("external", (), {}, probe, external=True)) as server:
+        assert server.pid is None and server.log_tail() == []
+        server.wait_ready()
+        assert server.facts["health_path"] == "/health" and server.health_problem() is None
+        server.check_healthy("after load level c1")
+    assert_still_serving(worker)  # leaving the block stopped nothing
+    gone = ReadyProbe(f"http://127.0.0.1:{free_port()}", "tiny", timeout_s=10)
+    unreachable = ExternalServer(LaunchPlan("external", (), {}, gone, external=True))
+    with pytest.raises(EngineError, match=r"not healthy after load level c1: GET /v1/models failed"):
+        unreachable.check_healthy("after load level c1")
