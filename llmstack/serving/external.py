@@ -136,7 +136,8 @@ class ExternalServer:
         probe = self.plan.probe
         try:
             health = client.get(probe.health_path).status_code
-            if health not in (200, 404, 405):
+            # No such route, or one behind the key: /v1/models is the health check (and says 401 itself).
+            if health not in (200, 401, 403, 404, 405):
                 return f"GET {probe.health_path} answered {health}"
             answer = client.get(probe.models_path)
         except httpx.HTTPError as exc:
