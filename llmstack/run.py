@@ -14,7 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from llmstack import interrupts
-from llmstack.config.resolve import resolve, to_run_config
+from llmstack.config.resolve import planned_devices, resolve, to_run_config
 from llmstack.config.schema import RunConfig
 from llmstack.engines import get_engine
 from llmstack.errors import Interrupted, LlmstackError, ResultsError, describe_unexpected
@@ -252,7 +252,7 @@ def render_dry_run(run: RunConfig, plan: LaunchPlan) -> str:
         return describe_dry_run(run, plan)
     lines = [
         f"# llmstack dry run: {plan.engine}, model={run.model.name}, low_bit={run.low_bit.name}, "
-        f"device={run.device.name} (x{run.device.count})",
+        f"device={run.device.name} {planned_devices(run.device)}",
         "# Nothing was started. Host checks (port free, model path, interpreter) were skipped.",
         f"# Ready when GET {plan.probe.base_url}{plan.probe.health_path} = 200 and "
         f"{plan.probe.models_path} lists '{plan.probe.served_name}'.",

@@ -15,10 +15,15 @@ from pathlib import Path
 
 import pytest
 
+from llmstack import devices
+from llmstack.config import CONFIG_DIR
+
 REPO = Path(__file__).resolve().parent.parent
 
 
-def llmstack(*args: str, cache: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+def llmstack(
+    *args: str, cache: Path | None = None, cwd: Path = REPO, **env: str
+) -> subprocess.CompletedProcess[str]:
     """The CLI in a subprocess; the compose cache off unless `cache` is given."""
     environ = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "LLMSTACK_FULL_ERROR")}
     environ.pop("LLMSTACK_NO_COMPOSE_CACHE", None)
@@ -29,7 +34,7 @@ def llmstack(*args: str, cache: Path | None = None, **env: str) -> subprocess.Co
     environ.update(env)
     return subprocess.run(
         [sys.executable, "-m", "llmstack", *args],
-        cwd=REPO,
+        cwd=cwd,
         env=environ,
         capture_output=True,
         text=True,
@@ -156,3 +161,127 @@ def test_missing_launcher_plugin_points_to_the_grid_extra() -> None:
     text = one_paragraph(result)
     assert "hydra/launcher=joblib" in text
     assert "scripts/setup.sh --test" in text and ".[grid]" in text
+
+
+# Item 5: wrong fixes suggested.
+def _without(kind: str) -> None:
+    if devices.detect().count(kind):
+        pytest.skip(f"this machine has a {kind} device")
+
+
+@pytest.mark.parametrize("kind", ["xpu", "cuda"])
+def test_device_this_machine_lacks_says_so(kind: str) -> None:
+    _without(kind)
+    text = one_paragraph(llmstack(f"device={kind}"))
+    assert f"device={kind}: this machine has no {kind} device" in text
+    assert "dry_run=true" in text and "device.count=N" in text
+    assert "tensor_parallel_size" not in text  # the old message blamed it and said to lower it
+
+
+def test_dry_run_plans_for_another_machines_devices() -> None:
+    """README's example: a dry run on a machine without XPUs assumes the two its plan needs, and says so."""
+    _without("xpu")
+    args = [
+        "engine=vllm_ipex",
+        "device=xpu",
+        "model=qwen14b",
+        "engine.tensor_parallel_size=2",
+        "dry_run=true",
+    ]
+    result = llmstack(*args)
+    assert result.returncode == 0, result.stderr
+    header = result.stdout.splitlines()[0]
+    assert "device=xpu (x2; this machine has none" in header and "device.count=N" in header
+    assert "--tensor-parallel-size 2" in result.stdout
+    explicit = llmstack(*args, "device.count=4")
+    assert explicit.returncode == 0 and "device=xpu (x4;" in explicit.stdout.splitlines()[0]
+
+
+@pytest.mark.parametrize(
+    "combination",
+    [
+        ("engine=vllm",),
+        ("engine=vllm_ipex",),
+        ("engine=lightweight",),
+        ("engine=lightweight", "engine.backend=ipex_llm"),
+    ],
+)
+def test_low_bit_errors_suggest_only_valid_formats(compose_cfg, combination: tuple[str, ...]) -> None:
+    """Every `low_bit=X` a refusal names (besides the refused one) and every `engine.backend=Y` it suggests
+    passes for that engine and device: `low_bit=fp8` on cpu named fp8_e4m3, refused there too."""
+    import re
+
+    from llmstack.config.groups import config_groups
+    from llmstack.config.resolve import resolve, to_run_config
+    from llmstack.errors import ConfigError
+    from llmstack.validation import config_problems, valid_low_bits
+
+    def problem(*overrides: str) -> ConfigError | None:
+        run = resolve(to_run_config(compose_cfg(*overrides)), CONFIG_DIR, devices.Inventory())
+        return next(iter(config_problems(run, CONFIG_DIR)), None)
+
+    checked = 0
+    for device in ("cpu", "xpu", "cuda"):
+        where = (f"device={device}", "device.count=1")
+        for low_bit in config_groups(CONFIG_DIR).options("low_bit"):
+            error = problem(*combination, *where, f"low_bit={low_bit}")
+            if error is None or error.key != "low_bit":
+                continue
+            checked += 1
+            run = resolve(to_run_config(compose_cfg(*combination, *where)), CONFIG_DIR, devices.Inventory())
+            valid = valid_low_bits(run, CONFIG_DIR)
+            named = set(re.findall(r"low_bit=(\w+)", str(error))) - {low_bit}
+            assert named <= set(valid), (combination, device, low_bit, str(error))
+            for backend in re.findall(r"set engine\.backend=(\w+)", str(error)):
+                fix = (*combination, *where, f"low_bit={low_bit}", f"engine.backend={backend}")
+                assert problem(*fix) is None, (fix, str(error))
+    assert checked  # every combination refuses some format somewhere
+
+
+def test_fp8_on_cpu_suggests_nothing_refused_there() -> None:
+    text = one_paragraph(llmstack("low_bit=fp8", "dry_run=true"))
+    assert "fp8_e4m3" not in text and "Valid choices: bf16, fp16, none." in text
+    on_cuda = one_paragraph(llmstack("low_bit=fp8", "device=cuda", "device.count=1", "dry_run=true"))
+    assert "Use low_bit=fp8_e4m3 instead." in on_cuda
+
+
+@pytest.mark.parametrize(("profile", "refused"), [("cpu", ["vllm_ipex"]), ("arc_a770", [])])
+def test_profile_with_a_foreign_engine_lists_only_engines_that_fit(profile: str, refused: list[str]) -> None:
+    text = one_paragraph(llmstack(f"profile={profile}", "engine=lightweight", "dry_run=true"))
+    listed = text.split("Valid choices: ", 1)[1].split(".", 1)[0].split(", ")
+    assert listed and not set(listed) & set(refused), text
+    for engine in listed:  # each one offered really runs with the profile
+        result = llmstack(f"profile={profile}", f"engine={engine}", "dry_run=true")
+        assert result.returncode == 0, (engine, result.stderr)
+
+
+# Item 6: install hints that name the real way to install.
+def test_missing_ipex_llm_points_to_setup_ipex() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("ipex_llm") is not None:
+        pytest.skip("this interpreter has ipex-llm")
+    text = one_paragraph(llmstack("engine=lightweight", "engine.backend=ipex_llm", "low_bit=sym_int4"))
+    assert "cannot import 'ipex_llm'" in text and "scripts/setup.sh --ipex" in text
+    assert ".[cpu]" not in text  # that extra has no ipex-llm
+
+
+def test_missing_ipex_venv_points_to_setup_ipex(tmp_path: Path) -> None:
+    args = [
+        "engine=lightweight",
+        "engine.backend=ipex_llm",
+        "low_bit=sym_int4",
+        "engine.python=.venv-ipex/bin/python",
+    ]
+    text = one_paragraph(llmstack(*args, cwd=tmp_path))
+    assert "is not an executable interpreter" in text and "scripts/setup.sh --ipex" in text
+    assert str(tmp_path) in text  # a relative path: where it was looked for
+
+
+def test_missing_ipex_vllm_fork_points_to_its_image() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("ipex_llm") is not None:
+        pytest.skip("this interpreter has ipex-llm")
+    text = one_paragraph(llmstack("engine=vllm_ipex", "device=xpu", "device.count=1"))
+    assert "cannot import 'ipex_llm'" in text and "FLAVOUR=ipex" in text and ".[cpu]" not in text

@@ -64,7 +64,8 @@ def test_profile_composes_and_validates(compose_cfg, profile: str) -> None:
 @pytest.mark.parametrize("profile", [p for p in PROFILES if EXPECTED[p][0] != "cpu"])
 def test_detected_inventory_decides(compose_cfg, profile: str) -> None:
     """With device.count left to detection, the simulated inventory of the profile's kind passes; one device
-    fewer, or only devices of another kind, is rejected before launch."""
+    fewer, or only devices of another kind, is rejected before launch: blaming the parallel size when some
+    are here, and saying there is no such device here when none are (issue 13 item 5)."""
     kind, count, _, tp = EXPECTED[profile]
     detect = (f"profile={profile}", "model=llama2_7b", "device.count=null")
     run = resolved(compose_cfg, *detect, inventory=inventory_of(kind, count))
@@ -74,7 +75,12 @@ def test_detected_inventory_decides(compose_cfg, profile: str) -> None:
     for inventory in (inventory_of(kind, tp - 1), inventory_of(other, 8)):
         with pytest.raises(ConfigError) as info:
             validate(resolved(compose_cfg, *detect, inventory=inventory), CONFIG, host_checks=False)
-        assert info.value.key == "engine.tensor_parallel_size"
+        if inventory.count(kind) == 0:
+            assert (info.value.key, info.value.value) == ("device", kind)
+            message = str(info.value)
+            assert f"this machine has no {kind} device" in message and "dry_run=true" in message
+        else:
+            assert info.value.key == "engine.tensor_parallel_size"
 
 
 @pytest.mark.parametrize("profile", PROFILES)

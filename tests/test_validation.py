@@ -28,7 +28,7 @@ def check(compose_cfg, *overrides: str, inventory: Inventory = CPU_ONLY, host_ch
     ("overrides", "key", "fragments"),
     [
         (["low_bit=sym_int4"], "low_bit", ["sym_int4", "upstream", "cpu", "Valid choices: bf16, fp16, none"]),
-        (["low_bit=fp8", "device=cuda"], "low_bit", ["e5m2", "fp8_e4m3"]),
+        (["low_bit=fp8", "device=cuda", "device.count=1"], "low_bit", ["e5m2", "fp8_e4m3"]),
         (["low_bit=fp8_e4m3"], "low_bit", ["Valid choices: bf16, fp16, none"]),
         (["engine=vllm_ipex"], "device", ["xpu", "Intel GPUs"]),
         (["engine=vllm_ipex", "device=xpu", "device.count=1", "low_bit=none"], "low_bit", ["11330"]),

@@ -68,7 +68,7 @@ def _missing_option(exc: typing.Any, config_dir: Path) -> ConfigError | None:
     group, _, option = missing.rpartition("/")
     if not group:
         return None
-    options = [o for o in (exc.options or []) if o != "auto" or group == "device"]
+    options = list(exc.options or [])
     if not options and group not in _INSTALL_HINTS:
         from llmstack.config.groups import config_groups
 

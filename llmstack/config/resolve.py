@@ -8,6 +8,7 @@ host (device inventory) but starts nothing and writes nothing.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -15,7 +16,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from llmstack import devices
 from llmstack.config.architecture import with_config_json
-from llmstack.config.schema import LowBitConfig, RunConfig
+from llmstack.config.schema import DeviceConfig, LowBitConfig, RunConfig
 from llmstack.errors import ConfigError
 
 DEVICE_CHOICES = ("auto", "cpu", "xpu", "cuda")
@@ -41,6 +42,29 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
         raise ConfigError(exc.full_key or "?", "?", str(exc).splitlines()[0]) from exc
     assert isinstance(run, RunConfig)
     return run
+
+
+def no_such_device(name: str, inventory: devices.Inventory) -> ConfigError:
+    here = [f"{inventory.count(kind)} {kind}" for kind in ("cuda", "xpu") if inventory.count(kind)]
+    return ConfigError(
+        "device",
+        name,
+        f"this machine has no {name} device ({', '.join(here) or 'only the cpu'} here).",
+        [kind for kind in DEVICE_CHOICES if kind == "auto" or inventory.count(kind)],
+        hint="To render the plan for a machine that has them, add dry_run=true (with device.count=N for "
+        "N devices); python -m llmstack.doctor shows what this machine has.",
+    )
+
+
+def planned_devices(device: DeviceConfig, inventory: devices.Inventory | None = None) -> str:
+    """How a dry run's header states the devices: `(x2)`, and whether this machine has them."""
+    if device.name == "cpu":
+        return f"(x{device.count})"
+    here = (inventory or devices.detect()).count(device.name)
+    if device.count is None or here >= device.count:
+        return f"(x{device.count})"
+    what = "none" if here == 0 else f"only {here}"
+    return f"(x{device.count}; this machine has {what}: a plan for another machine, device.count=N for N)"
 
 
 def load_low_bit(config_dir: Path, name: str) -> LowBitConfig:
@@ -75,6 +99,12 @@ def resolve(
         inventory = inventory or devices.detect()
         name = inventory.best() if device.name == "auto" else device.name
         count = inventory.count(name) if device.count is None else device.count
+        if count == 0 and device.count is None:
+            # device=xpu on a machine without one: a dry run plans for another machine, with the devices
+            # its plan needs (render_dry_run says so); a real run cannot start here.
+            if not run.dry_run:
+                raise no_such_device(name, inventory)
+            count = run.engine.devices_needed()
         device = dataclasses.replace(device, name=name, count=count)
 
     low_bit = run.low_bit
@@ -87,7 +117,9 @@ def resolve(
 
         model = dataclasses.replace(model, path=str(tiny_model_dir()))
     if model.served_name is None:
-        model = dataclasses.replace(model, served_name=model.name)
+        # model=local: clients ask for "Qwen2.5-7B-Instruct" (its directory), not for "local".
+        served = Path(os.path.abspath(os.path.expanduser(model.path))).name if model.path else model.name
+        model = dataclasses.replace(model, served_name=served or model.name)
     model = with_config_json(model)
 
     resolved = dataclasses.replace(run, device=device, low_bit=low_bit, model=model)

@@ -74,6 +74,9 @@ class LowBitConfig:
     vllm_devices: list[str] = field(default_factory=list)
     # Why a device or engine is missing from the lists above; shown in validation errors.
     note: str = ""
+    # Formats to suggest when this one is refused; a message names only those valid for the engine and
+    # device (fp8_e4m3 for fp8 on CUDA, nothing on CPU, where no fp8 runs).
+    instead: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -124,6 +127,10 @@ class EngineConfig:
     def label(self) -> str:
         """How messages name this engine (with its flavour where it has one)."""
         return f"engine={self.name}"
+
+    def devices_needed(self) -> int:
+        """How many devices the plan uses: what a dry run assumes where this machine has none."""
+        return 1
 
 
 @dataclass

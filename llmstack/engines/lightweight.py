@@ -96,7 +96,10 @@ class LightweightEngine:
             return None
         if low_bit.ipex is not None:
             where = ", ".join(low_bit.ipex_devices)
-            return f"an ipex-llm weight format: set engine.backend=ipex_llm (ipex-llm runs it on {where})."
+            if device not in low_bit.ipex_devices:  # fp8 on cpu: not offered, ipex_llm would refuse it too
+                return f"an ipex-llm weight format, which ipex-llm runs only on {where}, not on {device}."
+            backend = "engine.backend=ipex_llm"
+            return f"an ipex-llm weight format: set {backend} (ipex-llm runs it on {where})."
         return "the transformers backend serves unquantized weights only (none, fp16, bf16)."
 
     def check(self, run: RunConfig) -> list[ConfigError]:

@@ -38,7 +38,9 @@ def profile_engine_conflict(config_dir: Path, overrides: Sequence[str]) -> Confi
         return None
     profile_schema = groups.schema("engine", written_for)
     siblings = [
-        option for option in groups.options("engine") if groups.schema("engine", option) == profile_schema
+        option
+        for option in groups.options("engine")
+        if groups.schema("engine", option) == profile_schema and _fits(config_dir, profile, option)
     ]
     return ConfigError(
         "engine",
@@ -49,3 +51,21 @@ def profile_engine_conflict(config_dir: Path, overrides: Sequence[str]) -> Confi
         hint=f"Use profile={profile} with one of those engines, or drop profile= and set device= and the "
         f"engine's own keys on the command line.",
     )
+
+
+def _fits(config_dir: Path, profile: str, engine: str) -> bool:
+    """Whether `profile=P engine=E` passes every config rule: an engine with the profile's keys may still not
+    run on its device (profile=cpu engine=vllm_ipex: the fork is for Intel GPUs), and the message must not
+    offer it. Composed as a dry run: the profile's machine need not be this one."""
+    from hydra import compose, initialize_config_dir
+
+    from llmstack.config.resolve import resolve, to_run_config
+    from llmstack.validation.rules import config_problems
+
+    try:
+        with initialize_config_dir(str(Path(config_dir).absolute()), version_base="1.3"):
+            cfg = compose("config", overrides=[f"profile={profile}", f"engine={engine}", "dry_run=true"])
+        run = resolve(to_run_config(cfg), Path(config_dir))
+        return next(iter(config_problems(run, Path(config_dir))), None) is None
+    except Exception:  # an option that does not even compose with the profile does not fit it
+        return False

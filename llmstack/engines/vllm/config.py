@@ -35,3 +35,6 @@ class VllmEngineConfig(EngineConfig):
 
     def label(self) -> str:
         return f"engine={self.name} ({self.flavour})"
+
+    def devices_needed(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
