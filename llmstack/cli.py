@@ -158,6 +158,9 @@ def _report_hydra_error(exc: Exception) -> int:
 
     if _full_error():
         traceback.print_exc()
+    if isinstance(exc, LlmstackError):  # raised by our sweeper or callbacks, outside any job
+        print(scrubbed(f"llmstack: {exc}"), file=sys.stderr)
+        return exc.exit_code
     error = describe(exc, sys.argv[1:], CONFIG_DIR)
     if error is not None:
         print(scrubbed(f"llmstack: {error}"), file=sys.stderr)
