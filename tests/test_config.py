@@ -114,6 +114,6 @@ def test_cfg_job_prints_hydras_view(llmstack_cmd: list[str]) -> None:
 def test_unknown_group_option_exits_2_naming_choices(llmstack_cmd: list[str]) -> None:
     done = subprocess.run([*llmstack_cmd, "low_bit=int3"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
-    # One llmstack paragraph (issue 13 item 4), not Hydra's "Could not find 'low_bit/int3'" and its search path.
+    # One llmstack paragraph (issue 13 item 4), not Hydra's "Could not find 'low_bit/int3'" and search path.
     assert done.stderr.startswith("llmstack: ") and done.stderr.count("\n") == 1
     assert "low_bit=int3" in done.stderr and "sym_int4" in done.stderr
