@@ -34,12 +34,22 @@ class _SecretFilter(logging.Filter):
         return True
 
 
+class _ConsoleHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The console's log lines, after erasing the live status line (llmstack.progress) if one is shown."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from llmstack import progress
+
+        progress.clear()
+        super().emit(record)
+
+
 def setup_console_logging() -> None:
     level = os.environ.get("LLMSTACK_LOG_LEVEL", "INFO").upper()
     root = logging.getLogger()
     if any(getattr(h, "_llmstack_console", False) for h in root.handlers):
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _ConsoleHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", datefmt="%H:%M:%S"))
     handler._llmstack_console = True  # type: ignore[attr-defined]
     handler.addFilter(_SecretFilter())

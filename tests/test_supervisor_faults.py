@@ -97,3 +97,49 @@ def test_an_engine_that_cannot_start_leaves_no_guardian(tmp_path: Path) -> None:
         time.sleep(0.05)
     assert guardians() == []
     assert not (tmp_path / "server.log").exists() or "guardian" not in (tmp_path / "server.log").read_text()
+
+
+# A main process that stops its own child when TERMed, as vLLM's API server stops its engine core.
+_STOPS_ITS_CHILD = """
+import signal, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", '''
+import signal, sys, time
+def term(*_):
+    print("child: TERM", flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, term)
+print("child: up", flush=True)
+time.sleep(60)
+'''])
+def term(*_):
+    time.sleep(0.5)
+    print("main: forwarding TERM", flush=True)
+    child.terminate()
+    child.wait()
+    print("main: child stopped", flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, term)
+print("main: up", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("main_first", [True, False])
+def test_stop_main_first_lets_the_main_process_stop_its_children(tmp_path: Path, main_first: bool) -> None:
+    """With `stop_main_first` the main process alone gets SIGTERM and stops its child itself (the child's
+    TERM comes from it, after it said so); without it, the whole group is TERMed at once."""
+    import dataclasses
+
+    mark = uuid.uuid4().hex
+    log = tmp_path / "server.log"
+    plan = dataclasses.replace(plan_of(_STOPS_ITS_CHILD, mark), stop_main_first=main_first)
+    with ServerProcess(plan, log) as proc:
+        deadline = time.monotonic() + 30
+        while "child: up" not in proc.log_tail(5) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "child: up" in proc.log_tail(5)
+    lines = log.read_text().splitlines()
+    assert "main: child stopped" in lines
+    told, child_term = lines.index("main: forwarding TERM"), lines.index("child: TERM")
+    assert (child_term > told) is main_first, lines
+    assert wait_no_processes(f"{MARK_KEY}={mark}", timeout=10) == []

@@ -136,6 +136,8 @@ def _generate_into_place(model_dir: Path) -> None:
             # Incomplete (no marker): not ours to keep, and rename cannot replace a non-empty directory.
             shutil.rmtree(model_dir)
         os.rename(staging, model_dir)
+        # Named here, not in generate(): there the directory is still the staging one, gone by now.
+        logger.info("generated %s in %s", MODEL_NAME, model_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -155,8 +157,8 @@ def generate(out_dir: Path) -> Path:
     _write_json(out_dir / "config.json", model_config(vocab_size))
     _write_json(out_dir / "generation_config.json", generation_config())
     _write_weights(out_dir / "model.safetensors", vocab_size)
-    logger.info(
-        "generated %s (vocab %d) in %s in %.2fs", MODEL_NAME, vocab_size, out_dir, time.monotonic() - started
+    logger.debug(
+        "wrote %s (vocab %d) into %s in %.2fs", MODEL_NAME, vocab_size, out_dir, time.monotonic() - started
     )
     return out_dir
 

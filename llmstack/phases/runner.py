@@ -29,11 +29,8 @@ from llmstack.phases.common import (
     PhaseContext,
     check_engine,
     dump_records,
-    end_progress_line,
     level_rundir,
-    progress_bar,
     provenance,
-    timed_progress_bar,
 )
 from llmstack.phases.http_options import HttpBenchmarkConfig
 
@@ -129,30 +126,30 @@ class HttpPhase:
         quiet: bool = False,
         **options: Any,
     ) -> LoadResult:
-        """One level's load through the client, with the progress bar a terminal shows (unless `quiet`)."""
+        """One level's load through the client, with the status line of `llmstack.progress` (unless
+        `quiet`): requests done of all, the current rate; erased before the level's results print."""
         from llmstack.bench.loadgen import run_load_sync
+        from llmstack.progress import StatusLine
 
-        if quiet:
-            bar = None
-        elif duration_s is not None:
-            bar = timed_progress_bar(level.label, duration_s)
-        else:
-            bar = progress_bar(level.label)
-        result = run_load_sync(
-            self.ctx.base_url,
-            payloads,
-            endpoint=self.endpoint,
-            concurrency=level.concurrency,
-            api_key=self.ctx.api_key,
-            timeout_s=self.bench.timeout_s,
-            should_stop=self.ctx.should_stop(server),
-            progress=bar,
-            duration_s=duration_s,
-            **options,
-        )
-        if duration_s is not None and not quiet:
-            end_progress_line()
-        return result
+        timed = f" ({duration_s:.0f} s)" if duration_s is not None else ""
+        status = StatusLine(f"load level {level.label}{timed}")
+
+        def show(done: int, total: int) -> None:
+            status.update(done=done, total=total or None)
+
+        with status:
+            return run_load_sync(
+                self.ctx.base_url,
+                payloads,
+                endpoint=self.endpoint,
+                concurrency=level.concurrency,
+                api_key=self.ctx.api_key,
+                timeout_s=self.bench.timeout_s,
+                should_stop=self.ctx.should_stop(server),
+                progress=None if quiet else show,
+                duration_s=duration_s,
+                **options,
+            )
 
 
 def goodput_slos(bench: HttpBenchmarkConfig) -> dict[str, float]:

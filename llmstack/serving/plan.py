@@ -32,6 +32,9 @@ class LaunchPlan:
     cwd: str | None = None
     log_name: str = "server.log"
     shutdown_grace_s: float = 15.0
+    # Stop the main process alone first and let it stop its own children within the grace period (vLLM:
+    # its API server shuts the engine core down); False: SIGTERM to every process at once.
+    stop_main_first: bool = False
     # A server llmstack did not start and must not stop (engine=external): argv is empty, only the probe
     # (its URL, served name, key) is used.
     external: bool = False

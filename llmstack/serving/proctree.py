@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import psutil
 
 MARK_ENV = "LLMSTACK_RUN_MARK"
+# After a main process stopped first, its leftovers get at least this long before SIGKILL.
+_AFTER_MAIN_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -93,15 +95,28 @@ def stop_all(
     *,
     known: Iterable[Member] = (),
     reap: object = None,
+    main_first: bool = False,
 ) -> tuple[int, int]:
     """TERM every process of the engine, wait up to `grace_s` for them to go, KILL what is left.
 
     `known`: processes seen earlier (they may have left the tree since). `reap`: a callable run while
-    waiting, so that the caller's own child does not linger as a zombie. Returns (processes signalled,
-    processes that needed SIGKILL).
+    waiting, so that the caller's own child does not linger as a zombie. `main_first`: TERM the main
+    process `root` alone first and give it the grace period to stop its own children (vLLM's API server
+    shuts its engine core down; TERMed at once, the core dies under the server, which logs EngineDeadError
+    tracebacks); then the rest as usual, with what is left of the grace (at least a moment). Returns
+    (processes signalled, processes that needed SIGKILL).
     """
+    deadline = time.monotonic() + grace_s
+    signalled: set[Member] = set()
+    if main_first and root is not None:
+        main = {m for m in engine_members(root, None) if m.pid == root}
+        signal_all(main, signal.SIGTERM)
+        signalled |= main
+        _wait_gone(None, None, main, grace_s, reap)
+        grace_s = max(deadline - time.monotonic(), min(grace_s, _AFTER_MAIN_S))
     targets = engine_members(root, mark) | {m for m in known if m.alive()}
     signal_all(targets, signal.SIGTERM, root)
+    targets |= signalled
     remaining = _wait_gone(root, mark, targets, grace_s, reap)
     killed = len(remaining)
     if remaining:

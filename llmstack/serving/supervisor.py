@@ -7,9 +7,11 @@ answer there). Healthy, later, means the same, plus: every process the engine ha
 still there (a dead model worker under a living API server is a dead engine).
 
 Teardown sends SIGTERM to the whole group, to every descendant and to every marked process, waits a grace
-period, then sends SIGKILL. A guardian process (`llmstack.serving.guardian`) does the same if the launcher
-itself dies. The engine's output is copied to its log without ever blocking the engine: if the log cannot be
-written (a full disk), the output is still drained, dropped and counted, and the run fails saying so.
+period, then sends SIGKILL; a plan with `stop_main_first` has its main process TERMed alone first, to stop
+its children itself (vLLM). A guardian process (`llmstack.serving.guardian`) does the same if the launcher
+itself dies. While the engine starts, the status line (`llmstack.progress`) shows its latest log line. The
+engine's output is copied to its log without ever blocking the engine: if the log cannot be written (a full
+disk), the output is still drained, dropped and counted, and the run fails saying so.
 
 The supervisor knows nothing about engines: it only runs a LaunchPlan.
 """
@@ -35,6 +37,7 @@ from urllib.parse import urlsplit
 from llmstack import interrupts
 from llmstack.errors import EngineError, Interrupted
 from llmstack.pdeathsig import die_with_parent
+from llmstack.progress import StatusLine
 from llmstack.serving import proctree
 from llmstack.serving.log_copier import LOG_TAIL_LINES, LogCopier
 from llmstack.serving.plan import LaunchPlan
@@ -44,7 +47,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-HEARTBEAT_S = 10.0
 # A process that had been running this long when the engine became ready took part in loading it: its
 # death later is the engine's death. (Younger ones may be short-lived helpers caught by chance.)
 _MEMBER_MIN_AGE_S = 1.0
@@ -123,6 +125,10 @@ class ServerProcess:
     def log_tail(self, lines: int = 20) -> list[str]:
         return self._log.tail(lines) if self._log is not None else []
 
+    def _latest_line(self) -> str:
+        """The engine's last line that says something (blank lines skipped)."""
+        return next((line for line in reversed(self.log_tail(5)) if line.strip()), "(no output yet)")
+
     @property
     def log_error(self) -> str | None:
         """Why the engine's log is being lost (its output is still drained), or None."""
@@ -138,8 +144,8 @@ class ServerProcess:
         probe = self.plan.probe
         started = time.monotonic()
         deadline = started + probe.timeout_s
-        next_heartbeat = started + HEARTBEAT_S
-        with self._client(timeout=5.0) as client:
+        status = StatusLine(f"waiting for {self.plan.engine}")
+        with self._client(timeout=5.0) as client, status:
             while True:
                 interrupts.check()
                 self._raise_if_exited("before it was ready")
@@ -149,6 +155,7 @@ class ServerProcess:
                     self._raise_if_exited("right after its probe answered")
                     elapsed = time.monotonic() - started
                     self._members = self._loading_members()
+                    status.close()
                     logger.info("%s ready at %s after %.1f s", self.plan.engine, probe.base_url, elapsed)
                     return elapsed
                 if time.monotonic() > deadline:
@@ -157,11 +164,7 @@ class ServerProcess:
                         f"(engine.startup_timeout_s); its log is {self.log_path}",
                         self.log_tail(),
                     )
-                if time.monotonic() >= next_heartbeat:
-                    next_heartbeat += HEARTBEAT_S
-                    last = self.log_tail(1)[0][:120] if self.log_tail(1) else "(no output yet)"
-                    waited = time.monotonic() - started
-                    logger.info("waiting for %s (%.0f s): %s", self.plan.engine, waited, last)
+                status.update(note=self._latest_line())
                 interrupts.sleep(probe.interval_s)
 
     def health_problem(self) -> str | None:
@@ -216,10 +219,18 @@ class ServerProcess:
         """
         assert self.proc is not None
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with StatusLine(f"running {self.plan.engine}") as status:
+            code = self._wait_exit(deadline, timeout_s, status)
+        self._settle_log()
+        return code
+
+    def _wait_exit(self, deadline: float | None, timeout_s: float | None, status: StatusLine) -> int:
+        assert self.proc is not None
         while True:
             interrupts.check()
+            status.update(note=self._latest_line())
             try:
-                code = self.proc.wait(timeout=0.25)
+                return self.proc.wait(timeout=0.25)
             except subprocess.TimeoutExpired:
                 if deadline is not None and time.monotonic() > deadline:
                     raise EngineError(
@@ -227,9 +238,6 @@ class ServerProcess:
                         f"{self.log_path}",
                         self.log_tail(),
                     ) from None
-                continue
-            self._settle_log()
-            return code
 
     def stop(self) -> None:
         """TERM the group, every descendant and every marked process, wait the grace period, then KILL.
@@ -242,10 +250,14 @@ class ServerProcess:
             # What an engine says while it is being stopped (vLLM: EngineDeadError tracebacks) is no
             # problem of the run's: it goes to the log only.
             self.echo = None
+            grace = self.plan.shutdown_grace_s
+            main_first = self.plan.stop_main_first and proc.poll() is None
             if proc.poll() is None or proctree.engine_members(proc.pid, self.mark):
-                logger.info("stopping %s (pid %d)", self.plan.engine, proc.pid)
+                # An engine may take seconds to stop: say what the silence is.
+                logger.info("stopping %s (pid %d): waiting up to %.0f s for it to exit%s", self.plan.engine,
+                            proc.pid, grace, " (its main process first)" if main_first else "")  # fmt: skip
             signalled, killed = proctree.stop_all(
-                proc.pid, self.mark, self.plan.shutdown_grace_s, known=self._members, reap=proc.poll
+                proc.pid, self.mark, grace, known=self._members, reap=proc.poll, main_first=main_first
             )
             if killed:
                 logger.warning(

@@ -199,6 +199,9 @@ class VllmEngine:
             env=env,
             probe=ready_probe(e),
             shutdown_grace_s=e.shutdown_grace_s,
+            # vLLM's API server handles SIGTERM by shutting its engine client and core down itself
+            # (entrypoints/launchers/launcher.py); a core TERMed beside it dies under the server first.
+            stop_main_first=True,
         )
 
 
