@@ -78,6 +78,7 @@ class Session:
 
     def execute(self) -> dict[str, Any]:
         from llmstack.logs import add_file_logging, file_only_logger
+        from llmstack.progress import closing_line
 
         handler = add_file_logging(self.rundir.file("llmstack.log"))
         logger.info("run directory: %s", self.rundir.path)
@@ -109,6 +110,8 @@ class Session:
                               signal=interrupts.interrupted().signal_name)  # fmt: skip
             self.summary["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             self._save()
+            # At the end, where it is seen: the start's line has scrolled away by now.
+            logger.info("%s", closing_line(self.summary))
             logging.getLogger().removeHandler(handler)
             handler.close()
         interrupts.check()  # a signal that landed while the run was being recorded
@@ -314,6 +317,9 @@ def _cpu_count() -> int | None:
 
 
 def _engine_echo(line: str) -> None:
+    from llmstack import progress
+
+    progress.clear()
     print(f"  [engine] {line}", file=sys.stderr, flush=True)
 
 
