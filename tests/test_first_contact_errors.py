@@ -60,7 +60,11 @@ def one_paragraph(result: subprocess.CompletedProcess[str]) -> str:
     [
         (
             ["+engine.max_num_seq=64"],
-            ["engine.max_num_seq=64", "engine=vllm has no such key", "did you mean engine.max_num_seqs"],
+            [
+                "engine.max_num_seq=64",
+                "engine=vllm (upstream) has no such key",
+                "did you mean engine.max_num_seqs",
+            ],
         ),
         (
             ["engine=lightweight", "+engine.max_num_seqs=8"],
