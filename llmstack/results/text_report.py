@@ -6,13 +6,20 @@ Functions return strings; printing is the caller's business.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from llmstack.bench.metrics import TokenCounter, request_metrics
+from llmstack.bench.metrics import RequestMetrics, TokenCounter, request_metrics
 from llmstack.bench.records import RequestRecord
 
-__all__ = ["TABLE_COLUMNS", "format_load_level", "format_seed_report", "format_table"]
+__all__ = [
+    "TABLE_COLUMNS",
+    "format_load_level",
+    "format_seed_report",
+    "format_table",
+    "output_token_count_line",
+]
 
 # (header, summary key, decimals). Latencies are in ms.
 TABLE_COLUMNS: tuple[tuple[str, str, int], ...] = (
@@ -94,7 +101,8 @@ def format_seed_report(
     Fixed against the seed: token throughput counts the tokens successful requests actually produced (not
     `requests * max_tokens`); next-token latency is per token, `(last chunk - first chunk) / (tokens - 1)` per
     request (the seed averaged chunk gaps, which is per chunk); requests with one token have no next token
-    instead of crashing the report; failures are reported, not hidden.
+    instead of crashing the report; failures are reported, not hidden. Added: a last line saying which
+    output token count the figures use, and why the tokenizer's re-count differs (`output_token_count_line`).
     """
     per_request = [request_metrics(r, count_tokens) for r in records]
     ok = [m for m in per_request if m.success]
@@ -121,7 +129,79 @@ def format_seed_report(
     failed = [r for r in records if not r.success]
     if failed:
         lines.append(f"Failed requests: {len(failed)} of {len(records)} (first error: {failed[0].error}).")
+    # Last: it speaks of "every figure above", and result.json's token keys need it to be read.
+    lines.append(_token_count_line(records, per_request, tokenizer=count_tokens is not None))
     return "\n".join(lines)
+
+
+# How each source of a request's output token count (RequestMetrics.output_tokens_source) reads in a sentence.
+_SOURCES = {
+    "usage": "by the server (usage.completion_tokens)",
+    "chunk_usage": "by the server, chunk by chunk (no final usage)",
+    "tokenizer": "by the model's tokenizer on the generated text (the server sent no usage)",
+    "chunk_count": "as text chunks (no usage, no tokenizer: a lower bound)",
+    "unknown": "not at all (no usage, no tokenizer, no text chunks)",
+}
+REPLACEMENT_CHARACTER = "\ufffd"
+
+
+def output_token_count_line(
+    total: int,
+    source_counts: Mapping[str, int],
+    *,
+    tokenizer_total: int | None = None,
+    mismatches: int | None = None,
+    texts_with_replacement: int = 0,
+) -> str:
+    """One line saying which output token count every figure uses and, when the tokenizer re-counted the
+    generated text, why its total differs (result.json's `total_output_tokens`, `output_tokens_source_counts`,
+    `total_output_tokens_tokenizer`, `output_token_count_mismatches`)."""
+    counted = sum(source_counts.values())
+    if not counted:
+        return "Output tokens: none (no successful request)."
+    parts = [
+        f"{_SOURCES.get(source, source)} for {_requests(n, counted)}"
+        for source, n in sorted(source_counts.items(), key=lambda item: -item[1])
+    ]
+    line = f"Output tokens: {total}, counted {'; '.join(parts)}, used in every figure above"
+    by_server = source_counts.get("usage", 0)
+    if not by_server:
+        return line + "."
+    if tokenizer_total is None:
+        return line + "; no tokenizer was loaded to cross-check it."
+    if not mismatches:
+        return line + f"; the tokenizer's re-count of the generated text agrees ({tokenizer_total})."
+    if texts_with_replacement:
+        why = (
+            f": {texts_with_replacement} of {counted} texts hold U+FFFD (a character whose bytes were split "
+            "or invalid), which re-encodes as 3 byte tokens"
+        )
+    else:
+        why = " (neighbouring tokens can merge into one)"
+    return (
+        line + f"; the tokenizer's re-count of the generated text gives {tokenizer_total} ({mismatches} of "
+        f"{by_server} requests differ) because decoded text need not re-encode to the same tokens{why}."
+    )
+
+
+def _requests(n: int, of: int) -> str:
+    if n == of:
+        return f"all {n} requests" if n > 1 else "the one request"
+    return f"{n} request" + ("s" if n != 1 else "")
+
+
+def _token_count_line(
+    records: Sequence[RequestRecord], per_request: Sequence[RequestMetrics], *, tokenizer: bool
+) -> str:
+    ok = [(r, m) for r, m in zip(records, per_request, strict=True) if m.success]
+    return output_token_count_line(
+        sum(m.output_tokens or 0 for _, m in ok),
+        Counter(m.output_tokens_source or "unknown" for _, m in ok),
+        tokenizer_total=sum(m.tokenizer_output_tokens or 0 for _, m in ok) if tokenizer else None,
+        mismatches=sum(m.output_tokens_source == "usage" and m.tokenizer_output_tokens != m.output_tokens
+                       for _, m in ok),
+        texts_with_replacement=sum(REPLACEMENT_CHARACTER in r.reasoning_text + r.output_text for r, _ in ok),
+    )  # fmt: skip
 
 
 def _seconds_line(label: str, values: Sequence[float]) -> str:
