@@ -1,7 +1,9 @@
 """One record per benchmark request, and their JSON-lines form (`requests.jsonl`).
 
-All times are `time.perf_counter()` seconds taken in the benchmark process. They are only meaningful relative
-to each other (and to the measured window of the same run), never as wall-clock dates.
+All times are `time.perf_counter()` seconds taken in the benchmark process (Linux: CLOCK_MONOTONIC). They
+are only meaningful relative to each other (and to the measured window of the same run), not as dates.
+`requests.jsonl` adds each one's wall-clock date beside it (`sent_at_epoch`, ...: Unix seconds), converted
+through one (wall clock, perf_counter) pair read when the file is written: the hot path reads no second clock.
 """
 
 from __future__ import annotations
@@ -9,11 +11,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["RequestRecord", "iter_records", "load_records", "records_jsonl"]
+__all__ = ["EPOCH_FIELDS", "RequestRecord", "WallClock", "iter_records", "load_records", "records_jsonl"]
+
+# The record's single times that `requests.jsonl` also writes as wall-clock dates, as `<name>_epoch`.
+EPOCH_FIELDS = ("scheduled_at", "sent_at", "first_content_at", "done_at")
 
 
 @dataclass(slots=True)
@@ -75,11 +81,37 @@ class RequestRecord:
         return cls(**{k: v for k, v in data.items() if k in known})  # type: ignore[arg-type]
 
 
-def records_jsonl(records: Iterable[RequestRecord]) -> str:
-    """One JSON object per line (`requests.jsonl`); writing it is the caller's business."""
-    return "".join(
-        json.dumps(record.to_dict(), ensure_ascii=False, separators=(",", ":")) + "\n" for record in records
-    )
+@dataclass(frozen=True, slots=True)
+class WallClock:
+    """One reading of the wall clock and of `perf_counter` together: it turns any perf_counter time of this
+    boot into a Unix date. Both clocks advance at the same (NTP-slewed) rate, so the offset holds until the
+    wall clock is stepped; a pair read just before writing reflects the latest step."""
+
+    epoch: float
+    perf: float
+
+    @classmethod
+    def now(cls) -> WallClock:
+        before = time.perf_counter()
+        epoch = time.time()
+        after = time.perf_counter()
+        return cls(epoch=epoch, perf=(before + after) / 2)
+
+    def epoch_of(self, perf_time: float | None) -> float | None:
+        return None if perf_time is None else round(self.epoch + (perf_time - self.perf), 6)
+
+
+def records_jsonl(records: Iterable[RequestRecord], wall_clock: WallClock | None = None) -> str:
+    """One JSON object per line (`requests.jsonl`); writing it is the caller's business. With `wall_clock`,
+    each of EPOCH_FIELDS also as a Unix date (`sent_at_epoch`, ...), beside the perf_counter time."""
+
+    def line(record: RequestRecord) -> str:
+        data = record.to_dict()
+        if wall_clock is not None:
+            data.update({f"{name}_epoch": wall_clock.epoch_of(data[name]) for name in EPOCH_FIELDS})
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+    return "".join(line(record) for record in records)
 
 
 def iter_records(path: str | os.PathLike[str]) -> Iterator[RequestRecord]:

@@ -119,7 +119,10 @@ def provenance(
     ctx: PhaseContext, extra: Mapping[str, Any] | None = None, *, chat: bool = False
 ) -> dict[str, Any]:
     """vLLM's setup keys, and ours under `llmstack` (the whole benchmark config included); `chat`: the
-    requests went to the chat endpoint."""
+    requests went to the chat endpoint. `llmstack` starts with which llmstack measured (version, git commit,
+    uncommitted changes)."""
+    from llmstack.results.provenance import llmstack_provenance
+
     run = ctx.run
     return {
         "date": time.strftime("%Y%m%d-%H%M%S"),
@@ -128,6 +131,7 @@ def provenance(
         "model_id": ctx.served_name,
         "tokenizer_id": run.model.tokenizer or run.model.path,
         "llmstack": {
+            **llmstack_provenance(),
             "engine": ctx.plan.engine,
             "model": run.model.name,
             "low_bit": run.low_bit.name,
@@ -207,7 +211,8 @@ def client_errors() -> Iterator[None]:
 
 
 def dump_records(path: str | Path, records: Iterable[RequestRecord]) -> Path:
-    """`requests.jsonl`: one JSON object per request, written atomically."""
-    from llmstack.bench.records import records_jsonl
+    """`requests.jsonl`: one JSON object per request, written atomically, its times also as Unix dates (the
+    clocks are read together here, after the load, never per request)."""
+    from llmstack.bench.records import WallClock, records_jsonl
 
-    return write_text_atomic(path, records_jsonl(records))
+    return write_text_atomic(path, records_jsonl(records, WallClock.now()))
