@@ -275,9 +275,13 @@ def describe_environment(plan: LaunchPlan) -> dict[str, Any]:
     import platform
 
     import llmstack
+    from llmstack.results.git_status import checked_provenance
 
+    source = checked_provenance()  # also what every result.json of the run repeats
     return {
         "llmstack": llmstack.__version__,
+        "llmstack_git_commit": source["git_commit"],
+        "llmstack_git_dirty": source["git_dirty"],
         "launcher_python": sys.version.split()[0],
         "engine_python": None if plan.external else plan.interpreter,
         "platform": platform.platform(),
