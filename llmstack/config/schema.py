@@ -47,7 +47,7 @@ class ModelConfig:
     generator: Optional[str] = None
     # Where the weights are published; documentation only, nothing is ever downloaded.
     hf_id: Optional[str] = None
-    # The name clients use in requests; defaults to `name`.
+    # The name clients use in requests; None: the name of the directory `path` (else `name`).
     served_name: Optional[str] = None
     # The context length we serve it with (engine.max_model_len overrides it per engine).
     max_model_len: int = 2048
