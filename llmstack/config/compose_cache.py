@@ -6,6 +6,9 @@ composed by Hydra once; its result, *unresolved* (so `${oc.env:...}` still reads
 is stored under a key made of every input that shapes it: the overrides, the llmstack version and the name,
 size and mtime of every file in the config directory and of the schema module. Anything else on the command
 line (`-m`, `--cfg`, `--config-dir`, `hydra.*`) always goes through Hydra.
+
+The directory holds at most MAX_ENTRIES files: a hit touches its file, and each store removes the least
+recently used beyond that (a sweep over many values would otherwise leave one file per command line forever).
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ logger = logging.getLogger(__name__)
 
 # Resolvers that only exist once Hydra is imported: configs using them are never served from the cache.
 _HYDRA_ONLY_RESOLVERS = ("${now:", "${hydra:")
+# About 2 KiB each: the newest few hundred command lines, well under a megabyte.
+MAX_ENTRIES = 200
+# A temporary file this old was left by a writer that died between writing and renaming.
+_STALE_TMP_S = 3600
 
 
 def cacheable(args: list[str]) -> bool:
@@ -61,6 +68,8 @@ def load(config_dir: Path, args: list[str]) -> DictConfig | None:
         raw = OmegaConf.create(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    with contextlib.suppress(OSError):
+        os.utime(path)  # recently used: the last to be pruned
     from llmstack.config.schema import RunConfig
     from llmstack.engines import ENGINE_SCHEMAS
     from llmstack.phases.registry import benchmark_schema
@@ -95,3 +104,27 @@ def store(config_dir: Path, args: list[str], cfg: DictConfig) -> None:
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
+    prune(path.parent)
+
+
+def prune(directory: Path, keep: int | None = None) -> None:
+    """Keep the `keep` (MAX_ENTRIES) most recently used entries of `directory`; drop the others and stale
+    temporary files. Another launcher may prune or store at once: a file already gone is no error."""
+    import time
+
+    keep = MAX_ENTRIES if keep is None else keep
+    entries: list[tuple[float, Path]] = []
+    now = time.time()
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(directory):
+            with contextlib.suppress(OSError):
+                mtime = entry.stat().st_mtime
+                if entry.name.endswith(".tmp"):
+                    if now - mtime > _STALE_TMP_S:
+                        os.unlink(entry.path)
+                elif entry.name.endswith(".yaml"):
+                    entries.append((mtime, Path(entry.path)))
+    entries.sort(reverse=True)
+    for _, old in entries[keep:]:
+        with contextlib.suppress(OSError):
+            old.unlink()
