@@ -1,12 +1,13 @@
 """Grids (`python -m llmstack -m ...`): one job per point, named by its overrides, resumable, failure-safe.
 
-Each job runs in results/<experiment_name>/<its overrides>/. A job whose summary.json says "ok" is skipped
-(resume for free; `rerun=true` forces it). A job that fails (invalid combination, engine crash, benchmark
-error, an error of llmstack's own) writes failure.json there and the grid goes on. At the end, GridCallback
-writes the experiment's summary table and plots, and the grid's exit status is the number of jobs that
-failed. A stop signal (Ctrl-C, SIGTERM, SIGHUP) is not a failure: the grid stops at once, the job's
-summary says "interrupted", the exit status is the signal's (130, 143, 129), and the next run of the same
-grid resumes with that job. Secrets (`engine.api_key=...`) are not part of job names.
+Each job runs in <the grid's directory>/<its overrides>/ (llmstack.grid_sweep picks the directory and checks
+every job before the first starts). A job whose summary.json says "ok" is skipped (resume for free;
+`rerun=true` forces it). A job that fails (engine crash, benchmark error, an error of llmstack's own) writes
+failure.json there and the grid goes on. At the end the grid's report covers exactly its jobs, and its exit
+status says whether some failed (llmstack.grid_sweep.SOME_JOBS_FAILED). A stop signal (Ctrl-C, SIGTERM,
+SIGHUP) is not a failure: the grid stops at once, the job's summary says "interrupted", the exit status is
+the signal's (130, 143, 129), and the next run of the same grid resumes with that job. Secrets
+(`engine.api_key=...`) are not part of job names.
 """
 
 from __future__ import annotations
@@ -35,15 +36,13 @@ NOT_IDENTITY = frozenset({"experiment_name", "results_dir", "rerun", "dry_run", 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._,=+\-\[\]]")
 _MAX_NAME = 160
 
-# Set by GridCallback when a sweep ends; read by the CLI for its exit status.
-last_sweep_failures: int | None = None
-
 
 @dataclass(frozen=True)
 class GridJob:
     name: str
     overrides: list[str]
     index: int
+    directory: Path  # the grid's: this job writes directory/name/
 
 
 def current_job() -> GridJob | None:
@@ -61,7 +60,7 @@ def current_job() -> GridJob | None:
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return None
     overrides = list(hydra_cfg.overrides.task)
-    return GridJob(name=job_dir_name(overrides), overrides=overrides, index=int(hydra_cfg.job.num))
+    return GridJob(job_dir_name(overrides), overrides, int(hydra_cfg.job.num), Path(str(hydra_cfg.sweep.dir)))
 
 
 def job_dir_name(overrides: list[str]) -> str:
@@ -94,7 +93,9 @@ def run_grid_job(cfg: DictConfig, config_dir: Path, job: GridJob) -> dict[str, A
     """Run one job; never raises for a failed job (the grid must go on), only for a stop signal."""
     from llmstack.run import Session, prepare
 
-    job_dir = Path(str(cfg.results_dir)) / str(cfg.experiment_name) / job.name
+    if cfg.get("dry_run", False):
+        return _dry_run_job(cfg, config_dir, job)
+    job_dir = job.directory / job.name
     if job_is_done(job_dir) and not cfg.get("rerun", False):
         logger.info("job %d %s: done before, skipped (rerun=true runs it again)", job.index, job.name)
         return {"status": "skipped", "run_dir": str(job_dir)}
@@ -105,8 +106,6 @@ def run_grid_job(cfg: DictConfig, config_dir: Path, job: GridJob) -> dict[str, A
     session: Session | None = None
     try:
         run, plan = prepare(cfg, config_dir)
-        if run.dry_run:
-            return {"status": "dry_run"}
         session = Session(run, plan, rundir=RunDir.exact(job_dir))
         phase = "run"
         return session.execute()
@@ -120,6 +119,20 @@ def run_grid_job(cfg: DictConfig, config_dir: Path, job: GridJob) -> dict[str, A
         message = str(exc) if hasattr(exc, "exit_code") else describe_unexpected(exc)
         logger.error("job %d failed in %s: %s", job.index, phase, message.splitlines()[0])
         return {"status": "failed", "phase": phase, "error": message}
+
+
+def _dry_run_job(cfg: DictConfig, config_dir: Path, job: GridJob) -> dict[str, Any]:
+    """The job's plan printed, or its error; like a dry run, it writes nothing."""
+    from llmstack.errors import LlmstackError
+    from llmstack.run import prepare
+
+    logger.info("job %d: %s (dry run)", job.index, job.name)
+    try:
+        prepare(cfg, config_dir)
+    except LlmstackError as exc:
+        logger.error("job %d is invalid: %s", job.index, exc)
+        return {"status": "failed", "phase": "validate", "error": str(exc)}
+    return {"status": "dry_run"}
 
 
 def write_failure(job_dir: Path, job: GridJob, phase: str, exc: Exception) -> None:
@@ -141,37 +154,3 @@ def write_failure(job_dir: Path, job: GridJob, phase: str, exc: Exception) -> No
             "failed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
     )
-
-
-class GridCallback:
-    """Hydra callback: the experiment's summary table and plots when a sweep ends, and its failure count."""
-
-    def __init__(self, **_: Any) -> None:
-        self._started = 0.0
-
-    # Hydra calls every hook of a callback; only the multirun ones matter here.
-    def on_run_start(self, config: DictConfig, **_: Any) -> None: ...
-    def on_run_end(self, config: DictConfig, **_: Any) -> None: ...
-    def on_job_start(self, config: DictConfig, **_: Any) -> None: ...
-    def on_job_end(self, config: DictConfig, job_return: Any, **_: Any) -> None: ...
-
-    def on_multirun_start(self, config: DictConfig, **_: Any) -> None:
-        global last_sweep_failures
-        last_sweep_failures = 0
-        self._started = time.time()
-
-    def on_multirun_end(self, config: DictConfig, **_: Any) -> None:
-        global last_sweep_failures
-        experiment_dir = Path(str(config.results_dir)) / str(config.experiment_name)
-        failures = [
-            p for p in experiment_dir.glob("*/failure.json") if p.stat().st_mtime >= self._started - 1
-        ]
-        last_sweep_failures = len(failures)
-        from llmstack.report import build_report
-
-        try:
-            written = build_report(experiment_dir)
-        except Exception:  # the report must never hide the grid's own outcome
-            logger.exception("could not build the report of %s", experiment_dir)
-            return
-        logger.info("grid done: %d failed; summary in %s", len(failures), ", ".join(str(p) for p in written))

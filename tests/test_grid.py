@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from hydra.errors import HydraException
 
 from hydra_plugins.llmstack_sweeper.sweeper import LOAD_KEYS, grid_jobs
 from llmstack.grid import job_dir_name
+from llmstack.grid_sweep import SOME_JOBS_FAILED
 from llmstack.report import collect_rows, compare, main, to_csv
 
 
@@ -161,9 +164,6 @@ def test_compare_gives_relative_deltas(tmp_path: Path, capsys: pytest.CaptureFix
     "name", sorted(p.stem for p in (Path(__file__).parent.parent / "configs/experiment").glob("*.yaml"))
 )
 def test_checked_in_experiments_expand(tmp_path: Path, name: str) -> None:
-    import subprocess
-    import sys
-
     done = subprocess.run(
         [sys.executable, "-m", "llmstack", "-m", f"+experiment={name}", "device=cpu", "dry_run=true",
          f"results_dir={tmp_path}"],
@@ -171,4 +171,49 @@ def test_checked_in_experiments_expand(tmp_path: Path, name: str) -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("-m vllm.entrypoints.openai.api_server") >= 1
-    assert (tmp_path / name / "multirun.yaml").is_file()
+    assert list(tmp_path.iterdir()) == []  # a dry run writes nothing
+
+
+def _dry_grid(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    argv = [
+        sys.executable,
+        "-m",
+        "llmstack",
+        "-m",
+        "device=cpu",
+        "dry_run=true",
+        f"results_dir={tmp_path}/r",
+        *args,
+    ]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+
+def test_a_grid_dry_run_prints_every_plan_and_writes_nothing(tmp_path: Path) -> None:
+    # Before: multirun.yaml, summary.csv/md (and failure.json for invalid jobs) were written.
+    done = _dry_grid(tmp_path, "low_bit=none,bf16")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("# llmstack dry run:") == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_invalid_job_is_reported_before_any_job_starts(tmp_path: Path) -> None:
+    # Before: job 0 ran (here: printed its plan), then job 1 failed, then job 2 ran; the exit status was the
+    # number of failed jobs.
+    done = _dry_grid(tmp_path, "low_bit=fp6,none,fp8")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "# llmstack dry run:" not in done.stdout  # no job was started
+    paragraphs = [line for line in done.stderr.splitlines() if line.startswith("llmstack: grid job ")]
+    assert len(paragraphs) == 2
+    assert "low_bit=fp6" in paragraphs[0] and "Valid choices: bf16, fp16, none" in paragraphs[0]
+    assert "low_bit=fp8" in paragraphs[1]
+    assert "2 of 3 grid jobs are invalid, so none was started" in done.stderr
+    assert "hydra.sweeper.keep_going_on_invalid=true" in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_keep_going_on_invalid_runs_the_valid_jobs_and_exits_with_the_grid_status(tmp_path: Path) -> None:
+    done = _dry_grid(tmp_path, "low_bit=fp6,none,fp8", "hydra.sweeper.keep_going_on_invalid=true")
+    assert done.returncode == SOME_JOBS_FAILED == 5, done.stderr[-2000:]
+    assert done.stdout.count("# llmstack dry run:") == 1
+    assert "2 of 3 grid jobs failed" in done.stderr
+    assert list(tmp_path.iterdir()) == []

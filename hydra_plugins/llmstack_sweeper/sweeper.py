@@ -7,6 +7,11 @@ It is Hydra's basic sweeper (Cartesian product, batches for the launcher) with t
 - Load axes (`benchmark.concurrency`, `benchmark.request_rate` unless linked) do not make separate jobs: a
   sweep over them becomes one list-valued override, so every load level runs against one server, in order.
 
+- Every job is checked (composed, resolved, validated, planned; nothing started) before the first starts:
+  all invalid jobs are reported at once and none starts, unless `hydra.sweeper.keep_going_on_invalid=true`
+  (then they get failure.json and the valid ones run). The grid's directory, job list, report and exit
+  status are llmstack.grid_sweep's; a dry run (`dry_run=true`) writes none of them.
+
 The multirun.yaml it writes shows secrets (`engine.api_key=...`) as ***, as every file a run writes does.
 """
 
@@ -19,6 +24,7 @@ from typing import Any, Optional
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
 from omegaconf import DictConfig
@@ -33,6 +39,7 @@ class LlmstackSweeperConf:
     params: Optional[dict[str, str]] = None  # noqa: UP045
     link: list[list[str]] = field(default_factory=list)
     load_keys: list[str] = field(default_factory=lambda: list(LOAD_KEYS))
+    keep_going_on_invalid: bool = False
 
 
 ConfigStore.instance().store(
@@ -47,10 +54,12 @@ class LlmstackSweeper(BasicSweeper):
         params: Optional[dict[str, str]] = None,  # noqa: UP045
         link: Any = (),
         load_keys: Any = LOAD_KEYS,
+        keep_going_on_invalid: bool = False,
     ) -> None:
         super().__init__(max_batch_size, params)
         self.link = [list(group) for group in link]
         self.load_keys = set(load_keys)
+        self.keep_going_on_invalid = keep_going_on_invalid
 
     def setup(self, *, hydra_context: Any, task_function: Any, config: DictConfig) -> None:
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
@@ -60,15 +69,55 @@ class LlmstackSweeper(BasicSweeper):
 
         self.config = masked_sweep_config(config)
 
+    def sweep(self, arguments: list[str]) -> Any:
+        """BasicSweeper.sweep, with every job checked first and the grid's own directory and report."""
+        from omegaconf import open_dict
+
+        from llmstack import grid_sweep
+
+        assert self.config is not None and self.launcher is not None and self.hydra_context is not None
+        loader = self.hydra_context.config_loader
+        parser = OverridesParser.create(config_loader=loader)
+        overrides = parser.parse_overrides([*self._parse_config(), *arguments])
+        jobs = grid_jobs(overrides, self.link, self.load_keys)
+        plan = grid_sweep.plan_sweep(
+            self.config,
+            jobs,
+            compose=lambda job: loader.load_sweep_config(master_config=self.config, sweep_overrides=job),
+            launcher_target=str(self.config.hydra.launcher.get("_target_", "")),
+        )
+        if not grid_sweep.start(plan, self.config, self.keep_going_on_invalid):
+            return []
+        runnable = [plan.launch_overrides(job) for job in plan.runnable]
+        # Launchers create their own config's sweep dir: make it the one the jobs write in.
+        launcher_config = self.launcher.config  # type: ignore[attr-defined]
+        with open_dict(launcher_config):
+            launcher_config.hydra.sweep.dir = str(plan.launch_directory)
+        self.overrides = self.split_arguments_of(runnable, self.max_batch_size)
+        returns = []
+        initial_job_idx = 0
+        while not self.is_done():
+            batch = self.get_job_batch()
+            results = self.launcher.launch(batch, initial_job_idx=initial_job_idx)
+            for r in results:
+                _ = r.return_value  # a job's exception (a stop signal) ends the grid here
+            initial_job_idx += len(batch)
+            returns.append(results)
+        grid_sweep.finish(plan)
+        return returns
+
+    @staticmethod
+    def split_arguments_of(jobs: list[list[str]], max_batch_size: Optional[int]) -> list[list[list[str]]]:  # noqa: UP045
+        if max_batch_size is None:
+            return [jobs]
+        return [jobs[i : i + max_batch_size] for i in range(0, len(jobs), max_batch_size)]
+
     def split_arguments(
         self,
         overrides: list[Override],
         max_batch_size: Optional[int],  # noqa: UP045
     ) -> list[list[list[str]]]:
-        jobs = grid_jobs(overrides, self.link, self.load_keys)
-        if max_batch_size is None:
-            return [jobs]
-        return [jobs[i : i + max_batch_size] for i in range(0, len(jobs), max_batch_size)]
+        return self.split_arguments_of(grid_jobs(overrides, self.link, self.load_keys), max_batch_size)
 
 
 def grid_jobs(overrides: list[Override], link: list[list[str]], load_keys: set[str]) -> list[list[str]]:

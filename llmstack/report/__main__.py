@@ -1,0 +1,3 @@
+from llmstack.report.cli import main
+
+raise SystemExit(main())
