@@ -206,3 +206,22 @@ def test_on_a_terminal_the_status_line_is_live_and_log_lines_print_clean() -> No
     log_line = next(line for line in out.split("\n") if "a log line" in line)
     # The status line was erased first: what precedes the log line on its row is cursor control only.
     assert "requests" not in log_line.split("a log line")[0].rsplit("\x1b", 1)[-1], repr(log_line)
+
+
+def test_a_batch_process_shows_its_latest_line_while_it_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The offline phase's process (run_to_completion) says what it is doing during a long model load."""
+    from llmstack.serving.plan import LaunchPlan, ReadyProbe
+    from llmstack.serving.supervisor import run_to_completion
+
+    monkeypatch.setenv("LLMSTACK_PROGRESS_EVERY_S", "0.2")
+    code = "import time\nprint('loading the model weights', flush=True)\ntime.sleep(1.5)\n"
+    plan = LaunchPlan("batch", (sys.executable, "-c", code), {}, ReadyProbe("http://127.0.0.1:9", "x"))
+    with caplog.at_level(logging.INFO, logger="llmstack.progress"):
+        status, _ = run_to_completion(plan, tmp_path / "offline.log")
+    assert status == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "llmstack.progress"]
+    assert any(line.endswith("running batch — loading the model weights") for line in lines), lines
+    # Said once, not every 0.2 s while it did not change.
+    assert len({line.split("] ", 1)[1] for line in lines}) == len(lines), lines
