@@ -8,7 +8,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -153,50 +152,6 @@ def load_tokenizer(ctx: PhaseContext) -> Any | None:
     from llmstack.bench.prompts import load_tokenizer as load
 
     return load(ctx.run.model.tokenizer or str(ctx.run.model.path))
-
-
-def progress_bar(label: str) -> Callable[[int, int], None] | None:
-    """A one-line bar on a terminal (requests done of total); None when stderr is not one."""
-    if not sys.stderr.isatty():
-        return None
-    width = 30
-
-    def show(done: int, total: int) -> None:
-        filled = width * done // max(total, 1)
-        sys.stderr.write(f"\r  {label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
-        if done >= total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-    return show
-
-
-def timed_progress_bar(label: str, duration_s: float) -> Callable[[int, int], None] | None:
-    """A one-line bar on a terminal for a run of fixed duration: time elapsed, requests done so far."""
-    if not sys.stderr.isatty():
-        return None
-    width = 30
-    started = time.perf_counter()
-
-    def show(done: int, _total: int) -> None:
-        # The load generator calls at most ten times a second: at thousands of requests/s the terminal
-        # would be the bottleneck.
-        elapsed = time.perf_counter() - started
-        fraction = min(1.0, elapsed / duration_s)
-        filled = int(width * fraction)
-        sys.stderr.write(
-            f"\r  {label} [{'#' * filled}{'.' * (width - filled)}] {min(elapsed, duration_s):.0f}/"
-            f"{duration_s:.0f} s, {done} requests"
-        )
-        sys.stderr.flush()
-
-    return show
-
-
-def end_progress_line() -> None:
-    if sys.stderr.isatty():
-        sys.stderr.write("\n")
-        sys.stderr.flush()
 
 
 @contextlib.contextmanager
