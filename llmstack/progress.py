@@ -53,16 +53,20 @@ def render(
     done: int | None = None,
     total: int | None = None,
     rate: float | None = None,
+    ttft_s: float | None = None,
     note: str | None = None,
     width: int = PLAIN_WIDTH,
 ) -> str:
-    """One status line: `[elapsed] phase: done/total requests, rate req/s — note`, at most `width` wide."""
+    """One status line: `[elapsed] phase: done/total requests, rate req/s, TTFT ms — note`, at most `width`
+    wide (`ttft_s`: the latest finished request's)."""
     head = f"[{elapsed_s:4.0f} s] {phase}" if elapsed_s is not None else phase
     parts = []
     if done is not None:
         parts.append(f"{done}/{total} requests" if total else f"{done} requests")
     if rate is not None:
         parts.append(f"{rate:.1f} req/s")
+    if ttft_s is not None:
+        parts.append(f"TTFT {ttft_s * 1000:.0f} ms")
     line = head + (": " + ", ".join(parts) if parts else "")
     if note:
         room = width - len(line) - 3
@@ -99,6 +103,7 @@ class StatusLine:
         self._last_plain_key: tuple[Any, ...] | None = None
         self._rate_mark: tuple[float, int] | None = None
         self._rate: float | None = None
+        self._ttft_s: float | None = None
         self._live: Any = None  # rich.live.Live while the line is on screen
 
     def update(
@@ -108,8 +113,11 @@ class StatusLine:
         total: int | None = None,
         note: str | None = None,
         phase: str | None = None,
+        ttft_s: float | None = None,
     ) -> None:
         now = self.clock()
+        if ttft_s is not None:
+            self._ttft_s = ttft_s
         if phase is not None:
             self.phase = phase
         if done is not None:
@@ -147,8 +155,8 @@ class StatusLine:
 
     def _line(self, now: float, done: int | None, total: int | None, note: str | None, width: int) -> str:
         return render(
-            self.phase, elapsed_s=now - self.started, done=done, total=total, rate=self._rate, note=note,
-            width=width,
+            self.phase, elapsed_s=now - self.started, done=done, total=total, rate=self._rate,
+            ttft_s=self._ttft_s, note=note, width=width,
         )  # fmt: skip
 
     def _update_rate(self, now: float, done: int) -> None:

@@ -183,7 +183,7 @@ def test_closed_loop_keeps_one_connection_per_worker() -> None:
             endpoint="/v1/completions",
             concurrency=4,
             timeout_s=10,
-            progress=lambda done, total: progress.append((done, total)),
+            progress=lambda done, total, _ttft: progress.append((done, total)),
         )
         connections, peak = server.connections, server.peak_in_flight
     assert isinstance(result, LoadResult)
@@ -281,7 +281,7 @@ def test_collector_is_off_inside_the_window_and_restored_after() -> None:
             endpoint="/v1/completions",
             concurrency=1,
             timeout_s=10,
-            progress=lambda done, total: seen.append(gc.isenabled()),
+            progress=lambda done, total, _ttft: seen.append(gc.isenabled()),
         )
     assert seen and not any(seen)
     assert gc.isenabled() and gc.get_freeze_count() == 0
@@ -312,3 +312,23 @@ def test_the_client_imports_nothing_of_the_launcher() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("request_rate", [math.inf, 400.0])
+def test_progress_reports_the_latest_requests_ttft(request_rate: float) -> None:
+    # The live status line shows TTFT: the progress call parses the latest response alone (the records
+    # themselves are parsed after the window), and says exactly what its record will say.
+    calls: list[tuple[int, int, float | None]] = []
+    with serving(FakeServer(delay_s=0.01)) as server:
+        result = run_load_sync(
+            server.url,
+            payloads(12, max_tokens=3),
+            endpoint="/v1/completions",
+            concurrency=3,
+            request_rate=request_rate,
+            timeout_s=10,
+            progress=lambda done, total, ttft: calls.append((done, total, ttft)),
+        )
+    ttfts = {r.first_content_at - r.sent_at for r in result.records}
+    assert calls[-1][:2] == (12, 12)
+    assert all(ttft is not None and ttft in ttfts for _, _, ttft in calls)

@@ -39,6 +39,7 @@ def test_render_shows_elapsed_phase_counts_rate_and_a_note_within_the_width() ->
     assert line.startswith("[  12 s] load level c4: 5/16 requests, 2.5 req/s — word")
     assert len(line) <= 80 and line.endswith("…")
     assert render("timed", done=7) == "timed: 7 requests"
+    assert render("c4", done=3, total=8, rate=1.5, ttft_s=0.0123) == "c4: 3/8 requests, 1.5 req/s, TTFT 12 ms"
 
 
 class Clock:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 from collections import deque
@@ -19,8 +20,9 @@ from llmstack.bench.records import RequestRecord
 
 logger = logging.getLogger(__name__)
 
-# Called with (requests finished, requests in all); a run of fixed duration does not know the total: 0.
-ProgressCallback = Callable[[int, int], None]
+# Called with (requests finished, requests in all, the time to first content in seconds of the latest request
+# to finish, None when it has none: not streamed, failed); a run of fixed duration does not know the total: 0.
+ProgressCallback = Callable[[int, int, "float | None"], None]
 # True when the run must end now (a stop signal, a dead engine).
 StopCheck = Callable[[], bool]
 
@@ -64,7 +66,7 @@ class Progress:
         self.callback = callback
         self._next_call = 0.0
 
-    def step(self) -> None:
+    def step(self, record: RequestRecord, response: RawResponse | None) -> None:
         self.done += 1
         if self.callback is None:
             return
@@ -73,11 +75,24 @@ class Progress:
             return
         self._next_call = now + _PROGRESS_INTERVAL_S
         try:
-            self.callback(self.done, self.total or 0)
+            self.callback(self.done, self.total or 0, _time_to_first_content(record, response))
         except Exception:
             # A broken progress bar must not abort a benchmark.
             logger.exception("progress callback failed")
             self.callback = None
+
+
+def _time_to_first_content(record: RequestRecord, response: RawResponse | None) -> float | None:
+    """TTFT of one finished request, parsed from a copy of its record (the record itself is parsed after
+    the window): one response per progress call, at most ten a second."""
+    if response is None or not response.stream or record.sent_at is None:
+        return None
+    scratch = dataclasses.replace(record)
+    # A copy of the response too: apply() drops the bytes it parsed, and the window's end parses them again.
+    dataclasses.replace(response, read_data=list(response.read_data)).apply(scratch)
+    if scratch.first_content_at is None:
+        return None
+    return scratch.first_content_at - record.sent_at
 
 
 class Backlog:
@@ -143,8 +158,9 @@ async def closed_loop(run: Run, workers: int) -> tuple[float, float]:
 
     async def worker(connection: HttpConnection) -> None:
         for i in pending:
-            backlog.add(i, await connection.send_deferred(prepared[i], records[i], timeout_s=timeout_s))
-            counter.step()
+            response = await connection.send_deferred(prepared[i], records[i], timeout_s=timeout_s)
+            backlog.add(i, response)
+            counter.step(records[i], response)
             # A failure may mean a dead server, where the rest would fail at once: ask now, not in 50 ms.
             if should_stop is not None and records[i].error is not None and should_stop():
                 return
@@ -190,8 +206,9 @@ async def timed_loop(
                 stream=template.stream,
             )
             records.append(record)
-            backlog.add(i, await connection.send_deferred(prepared[j], record, timeout_s=timeout_s))
-            counter.step()
+            response = await connection.send_deferred(prepared[j], record, timeout_s=timeout_s)
+            backlog.add(i, response)
+            counter.step(record, response)
 
     try:
         start = perf_counter()
@@ -250,7 +267,7 @@ async def open_loop(run: Run, offsets: list[float], cap: int | None) -> tuple[fl
         finally:
             pool.release(connection)
         run.backlog.add(i, response)
-        run.counter.step()
+        run.counter.step(records[i], response)
 
     loop = asyncio.get_running_loop()
     tasks: list[asyncio.Task[None]] = []

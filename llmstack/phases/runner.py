@@ -127,15 +127,16 @@ class HttpPhase:
         **options: Any,
     ) -> LoadResult:
         """One level's load through the client, with the status line of `llmstack.progress` (unless
-        `quiet`): requests done of all, the current rate; erased before the level's results print."""
+        `quiet`): requests done of all, the current rate, the latest TTFT; erased before the level's
+        results print."""
         from llmstack.bench.loadgen import run_load_sync
         from llmstack.progress import StatusLine
 
         timed = f" ({duration_s:.0f} s)" if duration_s is not None else ""
         status = StatusLine(f"load level {level.label}{timed}")
 
-        def show(done: int, total: int) -> None:
-            status.update(done=done, total=total or None)
+        def show(done: int, total: int, ttft_s: float | None) -> None:
+            status.update(done=done, total=total or None, ttft_s=ttft_s)
 
         with status:
             return run_load_sync(
