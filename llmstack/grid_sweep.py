@@ -153,8 +153,12 @@ def varied_keys(jobs: list[list[str]]) -> list[str]:
 def start(plan: SweepPlan, config: DictConfig, keep_going: bool) -> bool:
     """Say what is wrong, then whether to launch; writes the grid's files (none for a dry run)."""
     global last_status
+    from llmstack.config.secrets import mask_override, masked_sweep_config, scrub, secret_values
+
     for job in plan.invalid:
-        print(f"llmstack: grid job {' '.join(job.overrides)}: {job.error}", file=sys.stderr)
+        shown = " ".join(mask_override(o) for o in job.overrides)
+        error = scrub(str(job.error), secret_values(job.overrides))
+        print(f"llmstack: grid job {shown}: {error}", file=sys.stderr)
     if plan.invalid and not keep_going:
         print(
             f"llmstack: {len(plan.invalid)} of {len(plan.jobs)} grid jobs are invalid, so none was started "
@@ -165,7 +169,6 @@ def start(plan: SweepPlan, config: DictConfig, keep_going: bool) -> bool:
         return False
     if plan.dry_run:
         return True
-    from llmstack.config.secrets import mask_override, masked_sweep_config
     from llmstack.results.files import write_text_atomic
 
     plan.directory.mkdir(parents=True, exist_ok=True)
