@@ -128,3 +128,64 @@ def test_readme_examples_run_for_real(prefix: str, tmp_path: Path) -> None:
     assert out.returncode == 0, f"{command}\n{out.stderr[-3000:]}"
     (summary,) = (tmp_path / "results").glob("*/*/summary.json")
     assert json.loads(summary.read_text())["status"] == "ok"
+
+
+# "The first five minutes": what command (1) shows on stderr, line by line, in order. README's block must
+# show each; tests/test_vllm_integration.py::test_default_run_end_to_end checks a real run's stderr.
+FIRST_FIVE_MINUTES = [
+    r"run directory: \S+/\d{8}-\d{6}$",
+    r"starting vllm-upstream: \S+python -m vllm\.entrypoints\.openai\.api_server --model \S+tiny-llama-v1 ",
+    r"\[ +\d+ s\] waiting for vllm-upstream — ",
+    r"vllm-upstream ready at http://127\.0\.0\.1:\d+ after [\d.]+ s$",
+    r"warm-up: \d+ requests at concurrency \d+$",
+    r"benchmark c\d+: \d+ requests at concurrency \d+$",
+    r"stopping vllm-upstream \(pid \d+\): waiting up to \d+ s for it to exit \(its main process first\)$",
+    r"results in \S+/\d{8}-\d{6} \(ok\): c\d+: [\d.]+ output tok/s, TTFT p50 [\d.]+ ms, \d+ ok / 0 failed$",
+]
+
+
+def launcher_lines(stderr: str) -> list[str]:
+    """The launcher's own log lines, their `[hh:mm:ss] ` stamp removed."""
+    return [m.group(1) for m in re.finditer(r"^\[\d\d:\d\d:\d\d\] (.*)$", stderr, flags=re.M)]
+
+
+def assert_in_order(patterns: list[str], lines: list[str]) -> None:
+    at = 0
+    for pattern in patterns:
+        found = next((i for i in range(at, len(lines)) if re.search(pattern, lines[i])), None)
+        assert found is not None, f"no line matching {pattern!r} after line {at} of:\n" + "\n".join(lines)
+        at = found + 1
+
+
+def test_first_five_minutes_shows_what_a_run_prints() -> None:
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("## The first five minutes") :]
+    block = re.search(r"^```text\n(.*?)^```", section, flags=re.S | re.M)
+    assert block is not None
+    assert_in_order(FIRST_FIVE_MINUTES, launcher_lines(block.group(1)))
+
+
+@pytest.mark.integration
+def test_readme_report_commands_run_on_the_results_they_name(tmp_path: Path) -> None:
+    """README's report examples, on what the commands before them make: the checked-in grid and two single
+    runs (engine=lightweight, so that this takes seconds, not minutes); `<date>`, `<run>`, `<run_a>` and
+    `<run_b>` stand for the directories a user has."""
+    reports = [c for c in COMMANDS if c.startswith("python -m llmstack.report ")]
+    assert len(reports) >= 3, reports
+    make = [
+        ["-m", "+experiment=low_bit_comparison", "benchmark.num_prompts=4", "benchmark.concurrency=1,4"],
+        ["run_name=run_a", "benchmark=smoke"],
+        ["run_name=run_b", "benchmark=smoke"],
+    ]
+    for overrides in make:
+        argv = [sys.executable, "-m", "llmstack", *overrides, "engine=lightweight", "engine.port=0"]
+        out = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, f"{overrides}\n{out.stderr[-3000:]}"
+    (day,) = [p.name for p in (tmp_path / "results").iterdir() if p.name != "low_bit_comparison"]
+    names = {"<date>": day, "<run>": "run_a", "<run_a>": "run_a", "<run_b>": "run_b"}
+    for command in reports:
+        for placeholder, name in names.items():
+            command = command.replace(placeholder, name)
+        out = subprocess.run(_argv(command), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, f"{command}\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
+        assert out.stdout.strip(), command

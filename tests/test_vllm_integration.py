@@ -27,6 +27,7 @@ from llmstack.models.tiny import ensure_tiny_model
 from llmstack.serving.supervisor import ServerProcess
 from llmstack.validation import validate
 from tests.procs import free_port, port_is_free, sigint_by_default, wait_no_processes
+from tests.test_readme import FIRST_FIVE_MINUTES, assert_in_order, launcher_lines
 
 pytestmark = pytest.mark.integration
 
@@ -164,6 +165,8 @@ def test_default_run_end_to_end(tmp_path: Path) -> None:
     assert result["total_output_tokens"] == 8 * 32 and result["completed"] == 8
     assert "Average first token latency" in (rundir / "bench-c4" / "report.txt").read_text()
     assert "out_tok/s" in out
+    # README's "first five minutes" shows these lines; a run prints them, in this order.
+    assert_in_order(FIRST_FIVE_MINUTES, launcher_lines(err))
 
 
 def test_engine_crash_at_startup_reports_log_tail(tmp_path: Path) -> None:
