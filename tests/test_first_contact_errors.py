@@ -131,8 +131,14 @@ def test_hydra_composition_error_is_one_paragraph(args: list[str], fragments: li
 
 
 def test_composition_error_in_a_grid_is_one_paragraph() -> None:
-    text = one_paragraph(llmstack("-m", "engine=vlm,lightweight", "dry_run=true"))
-    assert "did you mean engine=vllm" in text
+    # A grid checks every job first: one paragraph per invalid job, then the count, and none starts.
+    result = llmstack("-m", "engine=vlm,lightweight", "dry_run=true")
+    assert result.returncode == 2 and result.stdout == "", (result.returncode, result.stdout)
+    job, count = result.stderr.strip().splitlines()
+    assert job.startswith("llmstack: grid job engine=vlm") and "did you mean engine=vllm" in job
+    assert count.startswith("llmstack: 1 of 2 grid jobs are invalid, so none was started")
+    for noise in ("HYDRA_FULL_ERROR", "Config search path", "EngineConfig", "full_key", "Traceback"):
+        assert noise not in result.stderr
 
 
 def test_full_error_shows_hydras_own_text() -> None:
