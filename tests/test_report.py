@@ -132,3 +132,16 @@ def test_nothing_comparable_exits_non_zero_and_writes_nothing(
     assert "nothing could be compared" in captured.err
     assert "job low_bit=fp16: only in the new results" in captured.out
     assert not list(b.glob("compare-*.md"))
+
+
+def test_a_directory_without_runs_is_said_so_and_nothing_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `report results/` (the runs are a level down, in results/<date>/) used to write an empty summary.md
+    # there and exit 0.
+    _run(tmp_path / "results" / "20261203" / "20261203-120000", _levels(1.0))
+    assert main([str(tmp_path / "results")]) == 1
+    err = capsys.readouterr().err
+    assert "holds no run" in err and str(tmp_path / "results" / "20261203") in err
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["20261203"]
+    assert main([str(tmp_path / "results" / "20261203")]) == 0

@@ -10,6 +10,8 @@ from llmstack.report.rows import collect_rows, grid_jobs, is_single_run, to_mark
 
 # Nothing could be paired between the two directories.
 NOTHING_COMPARED = 1
+# The directory holds no run (nor a grid's jobs): nothing is written.
+NOTHING_TO_REPORT = 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         return _compare(args.experiment, args.compare)
     print(describe(args.experiment))
     rows = collect_rows(args.experiment)
+    if not rows:
+        print(f"llmstack.report: {_nothing_to_report(args.experiment)}", file=sys.stderr)
+        return NOTHING_TO_REPORT
     if is_single_run(args.experiment):
         print(to_markdown(rows))  # a run's own files (report.txt, result.json) stay as they are
         return 0
@@ -51,6 +56,14 @@ def describe(path: Path) -> str:
         return f"{path}: a grid of {len(jobs)} jobs (grid.json)"
     runs = [p for p in path.iterdir() if p.is_dir() and is_single_run(p)]
     return f"{path}: a directory of {len(runs)} runs"
+
+
+def _nothing_to_report(path: Path) -> str:
+    holding = sorted(
+        p for p in path.iterdir() if p.is_dir() and any(is_single_run(c) for c in p.iterdir() if c.is_dir())
+    )
+    where = f"; these directories in it do: {', '.join(str(p) for p in holding[:5])}" if holding else ""
+    return f"{path} holds no run (no summary.json in it or its subdirectories), so nothing was written{where}"
 
 
 def _compare(baseline: Path, new: Path) -> int:
