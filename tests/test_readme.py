@@ -140,7 +140,9 @@ FIRST_FIVE_MINUTES = [
     r"warm-up: \d+ requests at concurrency \d+$",
     r"benchmark c\d+: \d+ requests at concurrency \d+$",
     r"stopping vllm-upstream \(pid \d+\): waiting up to \d+ s for it to exit \(its main process first\)$",
-    r"results in \S+/\d{8}-\d{6} \(ok\): c\d+: [\d.]+ output tok/s, TTFT p50 [\d.]+ ms, \d+ ok / 0 failed$",
+    # one "c<N>: ..." per load level, separated by "; "
+    r"results in \S+/\d{8}-\d{6} \(ok\): "
+    r"(c\d+: [\d.]+ output tok/s, TTFT p50 [\d.]+ ms, \d+ ok / 0 failed(; |$))+$",
 ]
 
 
