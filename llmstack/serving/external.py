@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from llmstack import interrupts
 from llmstack.errors import EngineError
+from llmstack.progress import StatusLine
 from llmstack.serving.plan import LaunchPlan
 
 if TYPE_CHECKING:
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-HEARTBEAT_S = 10.0
 _HTTP_TIMEOUT_S = 5.0
 # Answers that no amount of waiting changes: fail at once instead of at the timeout.
 _FINAL_STATUSES = {401: "it needs an API key (or another one)", 403: "the API key is refused"}
@@ -72,12 +72,13 @@ class ExternalServer:
         probe = self.plan.probe
         started = time.monotonic()
         deadline = started + probe.timeout_s
-        next_heartbeat = started + HEARTBEAT_S
-        with self._client() as client:
+        status = StatusLine(f"waiting for the external server at {probe.base_url}")
+        with self._client() as client, status:
             while True:
                 interrupts.check()
                 problem = self._probe_once(client)
                 if problem is None:
+                    status.close()
                     elapsed = time.monotonic() - started
                     self.facts["version"] = _json_or_none(client, "/version")
                     self.facts["health_path"] = self._health_path
@@ -88,10 +89,7 @@ class ExternalServer:
                         f"the external server at {probe.base_url} was not ready after {probe.timeout_s:g} s "
                         f"(engine.startup_timeout_s): {problem}. Is it running, and is engine.url right?"
                     )
-                if time.monotonic() >= next_heartbeat:
-                    next_heartbeat += HEARTBEAT_S
-                    logger.info("waiting for the external server at %s (%.0f s): %s", probe.base_url,
-                                time.monotonic() - started, problem)  # fmt: skip
+                status.update(note=problem)
                 interrupts.sleep(probe.interval_s)
 
     def health_problem(self) -> str | None:
