@@ -17,6 +17,7 @@ _ENGINES: LazyRegistry[type[Engine]] = LazyRegistry(
         "vllm": "llmstack.engines.vllm:VllmEngine",
         "lightweight": "llmstack.engines.lightweight:LightweightEngine",
         "external": "llmstack.engines.external:ExternalEngine",
+        "pp": "llmstack.engines.pp:PipelineEngine",
     }
 )
 # engine.name -> its schema; the engine group's YAMLs start from these.
@@ -25,6 +26,7 @@ ENGINE_SCHEMAS: LazyRegistry[type[EngineConfig]] = LazyRegistry(
         "vllm": "llmstack.engines.vllm.config:VllmEngineConfig",
         "lightweight": "llmstack.engines.lightweight:LightweightEngineConfig",
         "external": "llmstack.engines.external:ExternalEngineConfig",
+        "pp": "llmstack.engines.pp:PipelineEngineConfig",
     }
 )
 
