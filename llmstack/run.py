@@ -261,6 +261,8 @@ def render_dry_run(run: RunConfig, plan: LaunchPlan) -> str:
         f"{plan.probe.models_path} lists '{plan.probe.served_name}'.",
         plan.shell_command(),
     ]
+    if plan.node_argvs:
+        lines += _other_nodes(plan)
     if not needs_server(run.benchmark.phase):
         lines.append(
             f"# benchmark={run.benchmark.name} starts no server: it runs `{plan.interpreter} -m "
@@ -269,6 +271,21 @@ def render_dry_run(run: RunConfig, plan: LaunchPlan) -> str:
     if (memory := get_engine(run.engine.name).memory_summary(run)) is not None:
         lines.insert(3, f"# Memory estimate {memory}.")
     return "\n".join(lines)
+
+
+def _other_nodes(plan: LaunchPlan) -> list[str]:
+    """A multi-node plan's other commands: each node runs its own, with the environment above."""
+    import dataclasses
+
+    here = plan.node_argvs.index(plan.argv) if plan.argv in plan.node_argvs else 0
+    lines = [
+        f"# {len(plan.node_argvs)} nodes: the command above is node {here}'s (this machine's); on each other "
+        "node run its own, with the same environment:"
+    ]
+    for rank, argv in enumerate(plan.node_argvs):
+        if rank != here:
+            lines += [f"# node {rank}:", dataclasses.replace(plan, argv=argv, env={}).shell_command()]
+    return lines
 
 
 def describe_environment(plan: LaunchPlan) -> dict[str, Any]:

@@ -38,6 +38,9 @@ class LaunchPlan:
     # A server llmstack did not start and must not stop (engine=external): argv is empty, only the probe
     # (its URL, served name, key) is used.
     external: bool = False
+    # A server spread over several machines (engine=pp with engine.nnodes > 1): every node's command in
+    # node order, `argv` (this machine's) among them, each run on its node with `env`. Empty: one machine.
+    node_argvs: tuple[tuple[str, ...], ...] = ()
 
     @property
     def interpreter(self) -> str:
@@ -77,7 +80,15 @@ def _argv_lines(argv: tuple[str, ...]) -> list[str]:
         i += 1
         if start == 0 and i < len(quoted) and argv[i] == "-m":
             i += 2  # python -m module
-        elif argv[start].startswith("-") and i < len(quoted) and not argv[i].startswith("--"):
+        elif argv[start] == "-m" and i < len(quoted):
+            i += 1  # the module a launcher runs (torchrun's options, then -m module and its own)
+        elif (
+            argv[start].startswith("-")
+            and "=" not in argv[start]
+            and i < len(quoted)
+            and not argv[i].startswith("--")
+            and argv[i] != "-m"
+        ):
             i += 1
         lines.append(" ".join(quoted[start:i]))
     return lines
