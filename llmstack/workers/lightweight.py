@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from llmstack.workers.protocol import API_KEY_ENV, WorkerOptions
@@ -27,7 +27,12 @@ GRACEFUL_SHUTDOWN_S = 5
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    options = WorkerOptions.parse(argv)
+    return serve(WorkerOptions.parse(argv))
+
+
+def serve(options: WorkerOptions, model_main: Callable[..., None] | None = None) -> int:
+    """Serve until stopped; the exit status. `model_main`: the model process's main (`ModelProcess`'s
+    target; the pipeline's rank 0 runs its stage and scheduler there), default the lightweight one."""
     logging.basicConfig(
         level=options.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -37,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     metrics = WorkerMetrics(options.served_model_name)
     try:
-        client, tokenizer = _start_model(options, metrics)
+        client, tokenizer = _start_model(options, metrics, model_main)
     except Exception as exc:  # the model cannot be served as asked: one line, no traceback
         logger.error("cannot serve %s: %s", options.model, exc)
         return 2
@@ -81,17 +86,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if getattr(client, "died", False) else 0
 
 
-def _start_model(options: WorkerOptions, metrics: Any) -> tuple[Any, Any]:
+def _start_model(
+    options: WorkerOptions, metrics: Any, model_main: Callable[..., None] | None
+) -> tuple[Any, Any]:
     """The model loop's client (the model loaded) and this process's tokenizer."""
     from llmstack.workers.backends.loader import load_tokenizer
     from llmstack.workers.detokenizer import decoders_for
     from llmstack.workers.model_client import ProcessModelClient, ThreadModelClient
     from llmstack.workers.model_process import ModelProcess
 
-    if not options.model_process:
+    if not options.model_process and model_main is None:
         client = ThreadModelClient(options, metrics)
         return client, client.tokenizer
-    model = ModelProcess(options)  # loads in the child while this process loads the tokenizer
+    model = ModelProcess(options, model_main)  # loads in the child while this process loads the tokenizer
     try:
         tokenizer = load_tokenizer(options)
         facts = model.wait_ready()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Sequence
+from typing import Any
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -84,6 +85,9 @@ class WorkerMetrics:
         self.rejected = 0
         self.ttft = Histogram(TTFT_BUCKETS)
         self.e2e = Histogram(LATENCY_BUCKETS)
+        # What the model loop reports of itself beyond its queues (the pipeline: each stage's busy seconds,
+        # micro-batches in flight); None for the single-process loop.
+        self.model_stats: dict[str, Any] | None = None
 
     def render(self) -> str:
         label = f'model_name="{_escape(self.model_name)}"'
@@ -134,7 +138,27 @@ class WorkerMetrics:
             samples.append(("_sum", label, hist.total))
             samples.append(("_count", label, hist.count))
             metric(name, "histogram", help_text, samples)
+        if self.model_stats is not None:
+            self._render_pipeline(metric, label, self.model_stats)
         return "\n".join(out) + "\n"
+
+    @staticmethod
+    def _render_pipeline(metric: Callable[..., None], label: str, stats: dict[str, Any]) -> None:
+        busy = stats.get("stage_busy_seconds", [])
+        metric(
+            "pipeline_stage_busy_seconds_total",
+            "counter",
+            "Seconds each pipeline stage spent computing (busy fraction: its rate).",
+            [("", f'{label},stage="{i}"', float(b)) for i, b in enumerate(busy)],
+        )
+        metric(
+            "pipeline_micro_batches_in_flight",
+            "gauge",
+            "Micro-batches between their first stage and their return to rank 0.",
+            [("", label, stats.get("in_flight", 0))],
+        )
+        steps = [("", label, stats.get("steps", 0))]
+        metric("pipeline_steps_total", "counter", "Micro-batch steps issued.", steps)
 
 
 def _number(value: float) -> str:

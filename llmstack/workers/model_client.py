@@ -277,7 +277,11 @@ class ProcessModelClient(ModelClient):
     def _on_readable(self) -> None:
         try:
             while self._updates.poll():
-                _, rows, running, waiting = self._updates.recv()
+                message = self._updates.recv()
+                if message[0] == "stats":
+                    self.metrics.model_stats = message[1]
+                    continue
+                _, rows, running, waiting = message
                 updates = [(r[0], Update(r[1], r[2], r[3], r[4], r[5], r[6])) for r in rows]
                 self._dispatch(updates, running, waiting)
         except (EOFError, OSError) as exc:

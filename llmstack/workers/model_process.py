@@ -7,7 +7,8 @@ the socket's buffer, so the server never sends on that end):
   model -> server   ("ready", ModelFacts) or ("error", message), once, after loading;
                     ("updates", [(request_id, *Update fields), ...], running, waiting), once per
                     iteration; the text field is "" for requests without stop strings (the server
-                    process detokenizes those from the token ids).
+                    process detokenizes those from the token ids);
+                    ("stats", dict) from a scheduler with figures of its own (the pipeline's stages).
 
 A reader thread takes the server's messages (blocked in recv, it holds no GIL); the main thread runs the
 scheduler. The process leaves when told to stop, when the pipe closes (the server process is gone), or, as
@@ -25,6 +26,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,14 +56,16 @@ class ModelProcess:
     """The child process that loads the model and runs the scheduler (multiprocessing, spawn), and the two
     one-way pipes to it: `requests` (this process sends) and `updates` (this process reads)."""
 
-    def __init__(self, options: WorkerOptions) -> None:
+    def __init__(self, options: WorkerOptions, target: Callable[..., None] | None = None) -> None:
+        """`target(inbox, outbox, options)`: the child's main (default: `main`, the lightweight worker's;
+        the pipeline's rank 0 brings its own, built on `serve_model`)."""
         import multiprocessing
 
         context = multiprocessing.get_context("spawn")
         inbox, self.requests = context.Pipe(duplex=False)
         self.updates, outbox = context.Pipe(duplex=False)
         self.process = context.Process(
-            target=main, args=(inbox, outbox, options), name="llmstack-model", daemon=True
+            target=target or main, args=(inbox, outbox, options), name="llmstack-model", daemon=True
         )
         self.process.start()
         inbox.close()
@@ -95,35 +99,20 @@ class ModelProcess:
             self.process.join(5)
 
 
+# start(options, publish) -> the scheduler to run and the facts to announce; BackendError: a one-line refusal.
+StartModel = Callable[[Any, Callable[..., None]], tuple[Any, ModelFacts]]
+
+
 def main(inbox: Any, outbox: Any, options: WorkerOptions) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    die_with_parent(signal.SIGKILL)
-    logging.basicConfig(
-        level=options.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stdout,
-    )
-    from llmstack.workers.backends.loader import BackendError, load
+    serve_model(inbox, outbox, options, _start_lightweight)
+
+
+def _start_lightweight(options: WorkerOptions, publish: Callable[..., None]) -> tuple[Any, ModelFacts]:
+    from llmstack.workers.backends.loader import load
     from llmstack.workers.detokenizer import decoders_for
     from llmstack.workers.scheduler import Scheduler
 
-    try:
-        loaded = load(options)
-    except BackendError as exc:
-        outbox.send(("error", str(exc)))
-        return
-    except Exception as exc:
-        logger.exception("loading the model failed")
-        outbox.send(("error", f"loading the model failed: {type(exc).__name__}: {exc}"))
-        return
-
-    def publish(updates: list, running: int, waiting: int) -> None:
-        # Plain tuples: pickling them is several times cheaper than pickling dataclass instances.
-        rows = [(rid, u.text, u.completion_tokens, u.token_id, u.finish_reason, u.stop_reason, u.error)
-                for rid, u in updates]  # fmt: skip
-        outbox.send(("updates", rows, running, waiting))
-
+    loaded = load(options)
     scheduler = Scheduler(
         loaded.backend,
         decoders_for(loaded.tokenizer),
@@ -139,6 +128,39 @@ def main(inbox: Any, outbox: Any, options: WorkerOptions) -> None:
         loaded.backend.info(),
         loaded.backend.vocab_size,
     )
+    return scheduler, facts
+
+
+def serve_model(inbox: Any, outbox: Any, options: Any, start: StartModel) -> None:
+    """The model process's life: load (through `start`), say ready, run the scheduler until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    die_with_parent(signal.SIGKILL)
+    logging.basicConfig(
+        level=options.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stdout,
+    )
+    from llmstack.workers.backends.loader import BackendError
+
+    def publish(updates: list, running: int, waiting: int) -> None:
+        # Plain tuples: pickling them is several times cheaper than pickling dataclass instances.
+        rows = [(rid, u.text, u.completion_tokens, u.token_id, u.finish_reason, u.stop_reason, u.error)
+                for rid, u in updates]  # fmt: skip
+        outbox.send(("updates", rows, running, waiting))
+
+    try:
+        scheduler, facts = start(options, publish)
+    except BackendError as exc:
+        outbox.send(("error", str(exc)))
+        return
+    except Exception as exc:
+        logger.exception("loading the model failed")
+        outbox.send(("error", f"loading the model failed: {type(exc).__name__}: {exc}"))
+        return
+    # A scheduler with figures of its own (the pipeline's stages) sends them as ("stats", dict) messages.
+    if hasattr(scheduler, "publish_stats"):
+        scheduler.publish_stats = lambda stats: outbox.send(("stats", stats))
     outbox.send(("ready", facts))
     reader = threading.Thread(target=_read, args=(inbox, scheduler), name="llmstack-model-inbox", daemon=True)
     reader.start()
@@ -146,6 +168,9 @@ def main(inbox: Any, outbox: Any, options: WorkerOptions) -> None:
         scheduler.run()
     except (BrokenPipeError, EOFError, OSError):
         logger.info("the server process is gone; the model process stops")
+    except Exception as exc:  # the model loop itself broke (a pipeline rank died): the server must know
+        logger.error("the model loop stopped: %s", exc)
+        fast_exit(1)
     fast_exit(0)
 
 

@@ -15,6 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LIGHTWEIGHT_MODULE = "llmstack.workers.lightweight"
+# Every rank of a pipeline-parallel worker runs this module (under torchrun); rank 0 also serves HTTP.
+PIPELINE_MODULE = "llmstack.workers.pipeline"
+# torchrun itself, with a report of the first rank that failed (its number and its log's last lines).
+PIPELINE_TORCHRUN_MODULE = "llmstack.workers.pipeline.torchrun"
 # The API key travels in the environment, so it does not show in `ps`.
 API_KEY_ENV = "LLMSTACK_API_KEY"
 # llmstack's cache (models, compiled kernels, composed configs); see `cache_dir`.
@@ -104,13 +108,75 @@ class WorkerOptions:
 
     @classmethod
     def parse(cls, argv: Sequence[str] | None = None) -> WorkerOptions:
-        args = _parser().parse_args(argv)
+        args = cls._parser().parse_args(argv)
         return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
+    @classmethod
+    def _parser(cls) -> argparse.ArgumentParser:
+        return _parser()
 
-def _parser() -> argparse.ArgumentParser:
+
+# Collective backends of a pipeline: gloo (cpu), nccl (cuda), xccl (xpu, torch >= 2.8 XPU builds), ccl (xpu
+# through oneccl_bindings_for_pytorch, with ipex-llm). The control messages always travel over gloo.
+DIST_BACKENDS = ("gloo", "nccl", "xccl", "ccl")
+# How decoder layers are split across ranks: by count, or by parameter bytes (embedding and LM head counted).
+PARTITIONS = ("layers", "bytes")
+
+
+@dataclass(frozen=True)
+class PipelineOptions(WorkerOptions):
+    """A pipeline-parallel worker: the lightweight worker's options (`max_batch_size` is per micro-batch:
+    ipex-llm's `--max-num-seqs`, "maximum batch size on a single card") and how the pipeline is cut."""
+
+    # Ranks (stages); torchrun's --nproc-per-node times its nodes. The worker checks it against WORLD_SIZE.
+    pipeline_parallel_size: int = 2
+    # Micro-batches in flight; 0 = one per stage (ipex-llm: up to world_size batches).
+    micro_batches: int = 0
+    # Prompts prefilled in one step of a micro-batch; 0 = every admitted one (ipex-llm --max-prefilled-seqs).
+    max_prefilled_seqs: int = 0
+    dist_backend: str = "gloo"
+    partition: str = "layers"
+    # Explicit decoder layers per stage, e.g. "3,2,2" (overrides `partition`); "" = computed.
+    layer_split: str = ""
+    # Seconds a rank waits in one transfer before the pipeline is declared hung (idle ranks are kept alive
+    # by rank 0's heartbeat, so this bounds a step, not an idle period).
+    collective_timeout_s: float = 300.0
+
+    def to_argv(self) -> list[str]:
+        argv = super().to_argv()
+        argv += ["--pipeline-parallel-size", str(self.pipeline_parallel_size)]
+        argv += ["--micro-batches", str(self.micro_batches)]
+        argv += ["--max-prefilled-seqs", str(self.max_prefilled_seqs)]
+        argv += ["--dist-backend", self.dist_backend, "--partition", self.partition]
+        if self.layer_split:
+            argv += ["--layer-split", self.layer_split]
+        argv += ["--collective-timeout-s", f"{self.collective_timeout_s:g}"]
+        return argv
+
+    @classmethod
+    def _parser(cls) -> argparse.ArgumentParser:
+        p = _parser(prog=f"python -m {PIPELINE_MODULE}")
+        p.add_argument("--pipeline-parallel-size", dest="pipeline_parallel_size", type=_positive, default=2)
+        p.add_argument("--micro-batches", dest="micro_batches", type=_non_negative, default=0)
+        p.add_argument("--max-prefilled-seqs", dest="max_prefilled_seqs", type=_non_negative, default=0)
+        p.add_argument("--dist-backend", dest="dist_backend", choices=DIST_BACKENDS, default="gloo")
+        p.add_argument("--partition", choices=PARTITIONS, default="layers")
+        p.add_argument("--layer-split", dest="layer_split", default="")
+        p.add_argument("--collective-timeout-s", dest="collective_timeout_s", type=float, default=300.0)
+        return p
+
+
+def parse_layer_split(text: str) -> list[int]:
+    """ "3,2,2" -> [3, 2, 2]; ValueError unless every part is a positive integer."""
+    parts = [int(part) for part in text.split(",")]
+    if any(part < 1 for part in parts):
+        raise ValueError(f"every stage needs at least one layer: {text!r}")
+    return parts
+
+
+def _parser(prog: str = f"python -m {LIGHTWEIGHT_MODULE}") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=f"python -m {LIGHTWEIGHT_MODULE}",
+        prog=prog,
         description="llmstack's lightweight OpenAI-compatible server with continuous batching "
         f"(API key from ${API_KEY_ENV}).",
     )

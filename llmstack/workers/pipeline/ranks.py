@@ -1,0 +1,246 @@
+"""What every rank does: decide its layers, load them, join the ring; and ranks 1..N-1's whole life.
+
+Rank r runs decoder layers `stage_bounds(split)[r]` (`workers/partition.py`, the rule the launcher's memory
+check uses) on device `<device>:<LOCAL_RANK>`. The process group is initialised only after the stage is
+loaded, with a long timeout (loading takes what it takes); the groups the ring uses carry the collective
+timeout, so a stuck step is found in seconds, not an hour.
+
+A rank other than 0 then loops: a header from the previous rank, its tensor, its layers, on to the next
+rank (the last one returns logits to rank 0). It stops on STOP (after passing it on), and exits quietly on
+SIGTERM/SIGINT (torchrun stops its ranks that way); if the ring breaks it exits 1 with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from llmstack.workers.partition import split_layers, stage_bounds
+from llmstack.workers.protocol import PipelineOptions, parse_layer_split
+
+logger = logging.getLogger("llmstack.workers.pipeline")
+
+# Seconds every rank may take to load its stage before the group gives up on the slowest.
+LOAD_TIMEOUT_S = 3600.0
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    world: int
+    rank: int
+    bounds: list[tuple[int, int]]
+    lanes: int
+    max_model_len: int
+    vocab_size: int
+    hidden_size: int
+    model_type: str
+
+    def describe(self) -> str:
+        return ", ".join(f"rank {r}: {a}-{b - 1}" for r, (a, b) in enumerate(self.bounds))
+
+    def ranges_as_lists(self) -> list[list[int]]:
+        return [[a, b] for a, b in self.bounds]
+
+
+def world_and_rank() -> tuple[int, int, int]:
+    """(WORLD_SIZE, RANK, LOCAL_RANK) from torchrun's environment; a lone process is a pipeline of one."""
+    env = os.environ
+    return int(env.get("WORLD_SIZE", "1")), int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0"))
+
+
+def plan_stages(options: PipelineOptions, config: Any, world: int, rank: int) -> StagePlan:
+    layers = int(config.num_hidden_layers)
+    if options.layer_split:
+        split = parse_layer_split(options.layer_split)
+        if len(split) != world or sum(split) != layers:
+            raise ValueError(
+                f"--layer-split {options.layer_split} does not give {layers} layers to {world} stages"
+            )
+    elif options.partition == "bytes":
+        per_layer, embed, head = _parameter_bytes(config)
+        split = split_layers(layers, world, [per_layer] * layers, first_extra=embed, last_extra=head)
+    else:
+        split = split_layers(layers, world)
+    return StagePlan(
+        world=world,
+        rank=rank,
+        bounds=stage_bounds(split),
+        lanes=options.micro_batches or world,
+        max_model_len=options.max_model_len or int(getattr(config, "max_position_embeddings", 0) or 2048),
+        vocab_size=int(config.vocab_size),
+        hidden_size=int(config.hidden_size),
+        model_type=str(config.model_type),
+    )
+
+
+def _parameter_bytes(config: Any) -> tuple[int, int, int]:
+    """Parameters of one decoder layer, of the embedding, and of the final norm + LM head (element counts:
+    every tensor has the same dtype, so counts compare as bytes do)."""
+    hidden, inter = int(config.hidden_size), int(config.intermediate_size)
+    heads = int(config.num_attention_heads)
+    kv = int(getattr(config, "num_key_value_heads", None) or heads)
+    dim = int(getattr(config, "head_dim", None) or hidden // heads)
+    layer = hidden * dim * (2 * heads + 2 * kv) + 3 * hidden * inter + 2 * hidden
+    embed = int(config.vocab_size) * hidden
+    return layer, embed, embed + hidden
+
+
+def load_my_stage(options: PipelineOptions, rank: int) -> tuple[Any, StagePlan]:
+    import torch
+
+    from llmstack.workers.backends.loader import BackendError
+    from llmstack.workers.pipeline.stage import StageModel
+    from llmstack.workers.pipeline.weights import StageLoadError, dtype_of, load_config, load_stage
+
+    world, _, local_rank = world_and_rank()
+    if world != options.pipeline_parallel_size:
+        raise BackendError(f"--pipeline-parallel-size {options.pipeline_parallel_size} but torchrun started "
+                           f"{world} ranks (WORLD_SIZE)")  # fmt: skip
+    if options.backend != "transformers":
+        raise BackendError(f"backend {options.backend}: the pipeline's stages run transformers checkpoints")
+    device = _device(options.device, local_rank)
+    if device.type == "cpu":
+        from llmstack.workers.backends.heap import keep_freed_memory
+
+        keep_freed_memory()
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(options.torch_threads or max(1, (cores - 1) // world))
+    elif options.torch_threads:
+        torch.set_num_threads(options.torch_threads)
+    try:
+        config = load_config(options.model, options.trust_remote_code)
+        plan = plan_stages(options, config, world, rank)
+        start, stop = plan.bounds[rank]
+        started = time.perf_counter()
+        weights = load_stage(
+            options.model, config, start, stop, first=rank == 0, last=rank == world - 1,
+            dtype=dtype_of(config, options.dtype), device=device, table_len=plan.max_model_len,
+        )  # fmt: skip
+    except (StageLoadError, ValueError) as exc:
+        raise BackendError(str(exc)) from exc
+    stage = StageModel(weights, slots=plan.lanes * options.max_batch_size, max_model_len=plan.max_model_len)
+    ends = (" + embedding" if weights.first else "") + (" + norm + LM head" if weights.last else "")
+    logger.info(
+        "rank %d loaded layers %d-%d%s in %.1f s on %s: %.1f MiB of weights, %.1f MiB of KV cache, %s",
+        rank, start, stop - 1, ends, time.perf_counter() - started, device, weights.parameter_bytes() / 2**20,
+        stage.kv_cache_bytes / 2**20, stage.attention,
+    )  # fmt: skip
+    return stage, plan
+
+
+def join_pipeline(options: PipelineOptions, plan: StagePlan, rank: int, device: Any) -> Any:
+    from llmstack.workers.pipeline.transport import Link
+
+    return Link(
+        rank=rank,
+        world=plan.world,
+        backend=options.dist_backend,
+        device=device,
+        timeout_s=options.collective_timeout_s,
+        init_timeout_s=LOAD_TIMEOUT_S,
+        max_seqs=plan.lanes * options.max_batch_size,
+    )
+
+
+def _device(name: str, local_rank: int) -> Any:
+    import torch
+
+    from llmstack.workers.backends.loader import BackendError
+
+    if name == "cpu":
+        return torch.device("cpu")
+    backend = getattr(torch, name, None)
+    if backend is None or not backend.is_available():
+        raise BackendError(f"device {name}: torch.{name}.is_available() is False in this interpreter")
+    if local_rank >= backend.device_count():
+        raise BackendError(f"rank with LOCAL_RANK {local_rank} has no {name} device "
+                           f"(this process sees {backend.device_count()})")  # fmt: skip
+    backend.set_device(local_rank)
+    return torch.device(name, local_rank)
+
+
+def eos_token_ids(model_dir: str, tokenizer: Any) -> list[int]:
+    """generation_config.json's EOS ids (else config.json's), then the tokenizer's, as the worker's loader."""
+    import json
+    from pathlib import Path
+
+    ids: list[int] = []
+    for name in ("generation_config.json", "config.json"):
+        path = Path(model_dir) / name
+        try:
+            configured = json.loads(path.read_text()).get("eos_token_id")
+        except (OSError, ValueError):
+            continue
+        if configured is None:
+            continue
+        ids = [configured] if isinstance(configured, int) else [int(i) for i in configured]
+        break
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(int(tokenizer.eos_token_id))
+    return ids
+
+
+# -- ranks 1..N-1 -------------------------------------------------------------------------------------------
+def main(options: PipelineOptions, rank: int) -> int:
+    from llmstack.pdeathsig import die_with_parent
+    from llmstack.workers.backends.loader import BackendError
+    from llmstack.workers.model_process import fast_exit
+
+    # torchrun's agent stops its ranks with SIGTERM: a rank between steps has nothing to finish.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: fast_exit(0))
+    die_with_parent(signal.SIGKILL)
+    try:
+        stage, plan = load_my_stage(options, rank)
+    except BackendError as exc:
+        logger.error("rank %d cannot serve %s: %s", rank, options.model, exc)
+        return 2
+    link = join_pipeline(options, plan, rank, stage.device)
+    from llmstack.workers.pipeline.transport import PipelineBroken
+
+    try:
+        serve_stage(link, stage, plan)
+    except PipelineBroken as exc:
+        logger.error("%s", exc)
+        return 1
+    return 0
+
+
+def serve_stage(link: Any, stage: Any, plan: StagePlan) -> None:
+    import torch
+
+    from llmstack.workers.pipeline.transport import PING, STOP
+
+    rank = link.rank
+    busy_s = 0.0
+    logger.info("rank %d ready", rank)
+    while True:
+        header = link.receive_header()
+        if header.kind in (PING, STOP):
+            link.send(header)
+            if header.kind == STOP:
+                link.flush()
+                logger.info("rank %d stopping", rank)
+                return
+            continue
+        hidden = link.receive_payload((header.tokens, plan.hidden_size), stage.dtype)
+        started = time.perf_counter()
+        out = stage.forward(hidden, header.slots, header.starts, header.counts)
+        if stage.device.type != "cpu":
+            torch.accelerator.synchronize(stage.device)
+        busy_s += time.perf_counter() - started
+        busy = list(header.busy_us) + [0] * (link.world - len(header.busy_us))
+        busy[rank] = int(busy_s * 1e6)
+        header.busy_us = tuple(busy)
+        link.send(header, out)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout
+    )

@@ -1,0 +1,147 @@
+"""One pipeline stage's forward pass: its decoder layers over a packed step, with its own KV cache.
+
+A step is a ragged batch of sequences, each bringing `count` new tokens at positions start..start+count-1
+(a prefill: its prompt from 0; a decode: one token). The tokens are packed one after another, so every
+linear layer sees all of them in one matmul. Each sequence owns a KV slot, named by rank 0 in the step;
+every stage keeps the keys and values of its own layers in that slot (no stage has bookkeeping of its own:
+a released slot is simply overwritten by its next owner, and steps reach every stage in the order rank 0
+issued them). The first stage embeds token ids; the last applies the final norm and the LM head to each
+sequence's last token and returns its logits.
+
+The arithmetic is the lightweight worker's `fused` decoder's, operation for operation (`layers.py`): on the
+CPU in float32, attention runs in llmstack's C kernel, which takes exactly this packed form; elsewhere torch's
+SDPA, per prompt for prefills and over a gathered batch for decodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from llmstack.workers.backends.layers import Layer, mlp, rms_norm
+from llmstack.workers.pipeline.weights import StageWeights
+
+
+class StageModel:
+    def __init__(self, weights: StageWeights, *, slots: int, max_model_len: int) -> None:
+        self.w = weights
+        self.device = weights.device
+        self.dtype = weights.dtype
+        self.slots = slots
+        self.max_model_len = max_model_len
+        shape = (slots, weights.num_kv_heads, max_model_len, weights.head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in weights.layers]
+        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in weights.layers]
+        self.kv_cache_bytes = 2 * sum(t.numel() * t.element_size() for t in self.k_cache)
+        self._arange = torch.arange(max_model_len, device=self.device)
+        self._scaling = weights.head_dim**-0.5
+        self._half = weights.head_dim // 2
+        self._attention = None
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            from llmstack.workers.backends.cpu_kernels import cache_attention
+
+            self._attention = cache_attention()
+        self.attention = "llmstack-cpu" if self._attention is not None else "torch-sdpa"
+
+    @property
+    def first(self) -> bool:
+        return self.w.first
+
+    @property
+    def last(self) -> bool:
+        return self.w.last
+
+    @torch.inference_mode()
+    def forward(
+        self, inputs: torch.Tensor, slots: Sequence[int], starts: Sequence[int], counts: Sequence[int]
+    ) -> torch.Tensor:
+        """`inputs`: token ids [tokens] (first stage) or hidden states [tokens, hidden]. Returns hidden
+        states [tokens, hidden], or on the last stage float32 logits [sequences, vocab]."""
+        w = self.w
+        positions = torch.cat([self._arange[s : s + n] for s, n in zip(starts, counts, strict=True)])
+        x = F.embedding(inputs.to(self.device), w.embed) if w.first else inputs.to(self.device, self.dtype)
+        cos = w.cos.index_select(0, positions).unsqueeze(1)
+        sin = w.sin_signed.index_select(0, positions).unsqueeze(1)
+        if self._attention is not None:
+            meta = tuple(torch.tensor(list(v), dtype=torch.long) for v in (slots, starts, counts))
+        for layer, k_cache, v_cache in zip(w.layers, self.k_cache, self.v_cache, strict=True):
+            q, k_new, v_new = self._rotated_qkv(x, layer, cos, sin)
+            if self._attention is not None:
+                attn = torch.empty(x.shape[0], w.num_heads, w.head_dim, dtype=self.dtype)
+                self._attention(q, k_new, v_new, attn, k_cache, v_cache, *meta, self._scaling)
+            else:
+                attn = self._torch_attention(q, k_new, v_new, k_cache, v_cache, slots, starts, counts)
+            x = x + F.linear(attn.reshape(x.shape[0], w.num_heads * w.head_dim), layer.w_o, layer.b_o)
+            x = x + mlp(rms_norm(x, layer.ln2, layer.ln2_eps), layer)
+        if not w.last:
+            return x
+        assert w.norm is not None and w.lm_head is not None
+        ends = torch.tensor(list(counts), dtype=torch.long, device=self.device).cumsum(0) - 1
+        last = rms_norm(x.index_select(0, ends), w.norm, w.norm_eps)
+        return F.linear(last, w.lm_head, w.lm_head_bias).float()
+
+    def _rotated_qkv(
+        self, x: torch.Tensor, layer: Layer, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """As `FusedDecoderBackend._rotated_qkv`: [tokens, heads, dim], [tokens, kv_heads, dim] x 2."""
+        w = self.w
+        tokens, heads, kv_heads, dim = x.shape[0], w.num_heads, w.num_kv_heads, w.head_dim
+        qkv = F.linear(rms_norm(x, layer.ln1, layer.ln1_eps), layer.w_qkv, layer.b_qkv)
+        qk = qkv[:, : (heads + kv_heads) * dim].view(tokens, heads + kv_heads, dim)
+        qk = qk * cos + qk.roll(self._half, -1) * sin
+        v = qkv[:, (heads + kv_heads) * dim :].view(tokens, kv_heads, dim)
+        return qk[:, :heads], qk[:, heads:], v
+
+    def _torch_attention(
+        self,
+        q: torch.Tensor,
+        k_new: torch.Tensor,
+        v_new: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slots: Sequence[int],
+        starts: Sequence[int],
+        counts: Sequence[int],
+    ) -> torch.Tensor:
+        """Attention of each sequence's new tokens over its slot (prompts from position 0, decodes of one
+        token at any position), new keys and values written into the cache first. [tokens, heads, dim]."""
+        w = self.w
+        out = torch.empty_like(q)
+        offsets = [0]
+        for n in counts:
+            offsets.append(offsets[-1] + n)
+        decodes = [i for i, n in enumerate(counts) if n == 1]
+        for i, (slot, start, n) in enumerate(zip(slots, starts, counts, strict=True)):
+            if n == 1:
+                continue
+            if start != 0:
+                raise ValueError("a step of several tokens must start at position 0 (a prompt)")
+            rows = slice(offsets[i], offsets[i + 1])
+            k, v = k_new[rows].transpose(0, 1), v_new[rows].transpose(0, 1)
+            k_cache[slot, :, :n] = k
+            v_cache[slot, :, :n] = v
+            attn = F.scaled_dot_product_attention(
+                q[rows].transpose(0, 1).unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
+                is_causal=True, scale=self._scaling, enable_gqa=w.num_heads != w.num_kv_heads,
+            )  # fmt: skip
+            out[rows] = attn[0].transpose(0, 1)
+        if decodes:
+            index = torch.tensor([offsets[i] for i in decodes], device=self.device)
+            rows_t = torch.tensor([slots[i] for i in decodes], device=self.device)
+            pos = torch.tensor([starts[i] for i in decodes], device=self.device)
+            k_cache[rows_t, :, pos] = k_new.index_select(0, index)
+            v_cache[rows_t, :, pos] = v_new.index_select(0, index)
+            width = max(starts[i] for i in decodes) + 1
+            batch = len(decodes)
+            beyond = (self._arange[:width].unsqueeze(0) > pos.unsqueeze(1)).view(batch, 1, 1, width)
+            mask = torch.zeros(beyond.shape, dtype=self.dtype, device=self.device).masked_fill(
+                beyond, float("-inf")
+            )
+            groups = w.num_heads // w.num_kv_heads
+            grouped = q.index_select(0, index).reshape(batch, w.num_kv_heads, groups, w.head_dim)
+            keys, values = k_cache[rows_t, :, :width], v_cache[rows_t, :, :width]
+            attn = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=self._scaling)
+            out.index_copy_(0, index, attn.reshape(batch, w.num_heads, w.head_dim))
+        return out
