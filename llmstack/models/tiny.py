@@ -18,6 +18,7 @@ import random
 import shutil
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,32 @@ MAX_POSITION_EMBEDDINGS = 4096
 RMS_NORM_EPS = 1e-5
 ROPE_THETA = 10000.0
 INIT_STD = 0.02
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The model's size. The default is `model=tiny`; others (more layers for a pipeline's uneven split, a
+    wider one where compute must dominate a benchmark) are the same recipe, cached under their own name."""
+
+    hidden_size: int = HIDDEN_SIZE
+    intermediate_size: int = INTERMEDIATE_SIZE
+    num_hidden_layers: int = NUM_HIDDEN_LAYERS
+    num_attention_heads: int = NUM_ATTENTION_HEADS
+    num_key_value_heads: int = NUM_KEY_VALUE_HEADS
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def name(self) -> str:
+        if self == DEFAULT_SHAPE:
+            return MODEL_NAME
+        return (f"{MODEL_NAME}-l{self.num_hidden_layers}-h{self.hidden_size}-i{self.intermediate_size}"
+                f"-a{self.num_attention_heads}-kv{self.num_key_value_heads}")  # fmt: skip
+
+
+DEFAULT_SHAPE = Shape()
 
 TARGET_VOCAB_SIZE = 1024
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, in this order
@@ -92,21 +119,21 @@ def default_cache_dir() -> Path:
     return cache_dir()
 
 
-def tiny_model_dir(cache_dir: Path | None = None) -> Path:
-    return (cache_dir if cache_dir is not None else default_cache_dir()) / "models" / MODEL_NAME
+def tiny_model_dir(cache_dir: Path | None = None, shape: Shape = DEFAULT_SHAPE) -> Path:
+    return (cache_dir if cache_dir is not None else default_cache_dir()) / "models" / shape.name
 
 
 def is_complete(model_dir: Path) -> bool:
     return (model_dir / COMPLETE_MARKER).is_file()
 
 
-def ensure_tiny_model(cache_dir: Path | None = None) -> Path:
+def ensure_tiny_model(cache_dir: Path | None = None, shape: Shape = DEFAULT_SHAPE) -> Path:
     """Return the tiny model's directory, generating it first if it is missing or incomplete.
 
     Safe against concurrent callers: generation happens under an exclusive lock, into a temporary
     sibling that is renamed into place only once complete, so readers never see a half-written model.
     """
-    model_dir = tiny_model_dir(cache_dir)
+    model_dir = tiny_model_dir(cache_dir, shape)
     if is_complete(model_dir):
         return model_dir
     model_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -116,13 +143,13 @@ def ensure_tiny_model(cache_dir: Path | None = None) -> Path:
         try:
             # Another process may have finished while we waited for the lock.
             if not is_complete(model_dir):
-                _generate_into_place(model_dir)
+                _generate_into_place(model_dir, shape)
         finally:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
     return model_dir
 
 
-def _generate_into_place(model_dir: Path) -> None:
+def _generate_into_place(model_dir: Path, shape: Shape) -> None:
     """Generate into a staging sibling, then rename it into place; the caller holds the lock."""
     # A fixed name rather than mkdtemp: only the lock holder uses it, a crashed run's leftovers get
     # cleared here, and the directory gets the usual umask-based mode rather than mkdtemp's 0700.
@@ -130,20 +157,20 @@ def _generate_into_place(model_dir: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        generate(staging)
-        (staging / COMPLETE_MARKER).write_text(MODEL_NAME + "\n", encoding="utf-8")
+        generate(staging, shape)
+        (staging / COMPLETE_MARKER).write_text(shape.name + "\n", encoding="utf-8")
         if model_dir.exists():
             # Incomplete (no marker): not ours to keep, and rename cannot replace a non-empty directory.
             shutil.rmtree(model_dir)
         os.rename(staging, model_dir)
         # Named here, not in generate(): there the directory is still the staging one, gone by now.
-        logger.info("generated %s in %s", MODEL_NAME, model_dir)
+        logger.info("generated %s in %s", shape.name, model_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
-def generate(out_dir: Path) -> Path:
+def generate(out_dir: Path, shape: Shape = DEFAULT_SHAPE) -> Path:
     """Write the complete model (weights, config, tokenizer, chat template) into `out_dir`."""
     started = time.monotonic()
     out_dir = Path(out_dir)
@@ -154,11 +181,11 @@ def generate(out_dir: Path) -> Path:
     _write_json(out_dir / "tokenizer_config.json", tokenizer_config())
     _write_json(out_dir / "special_tokens_map.json", special_tokens_map())
     _write_text(out_dir / "chat_template.jinja", CHAT_TEMPLATE)
-    _write_json(out_dir / "config.json", model_config(vocab_size))
+    _write_json(out_dir / "config.json", model_config(vocab_size, shape))
     _write_json(out_dir / "generation_config.json", generation_config())
-    _write_weights(out_dir / "model.safetensors", vocab_size)
+    _write_weights(out_dir / "model.safetensors", vocab_size, shape)
     logger.debug(
-        "wrote %s (vocab %d) into %s in %.2fs", MODEL_NAME, vocab_size, out_dir, time.monotonic() - started
+        "wrote %s (vocab %d) into %s in %.2fs", shape.name, vocab_size, out_dir, time.monotonic() - started
     )
     return out_dir
 
@@ -166,17 +193,17 @@ def generate(out_dir: Path) -> Path:
 # --- configuration files -------------------------------------------------------------------------
 
 
-def model_config(vocab_size: int) -> dict[str, Any]:
+def model_config(vocab_size: int, shape: Shape = DEFAULT_SHAPE) -> dict[str, Any]:
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": vocab_size,
-        "hidden_size": HIDDEN_SIZE,
-        "intermediate_size": INTERMEDIATE_SIZE,
-        "num_hidden_layers": NUM_HIDDEN_LAYERS,
-        "num_attention_heads": NUM_ATTENTION_HEADS,
-        "num_key_value_heads": NUM_KEY_VALUE_HEADS,
-        "head_dim": HEAD_DIM,
+        "hidden_size": shape.hidden_size,
+        "intermediate_size": shape.intermediate_size,
+        "num_hidden_layers": shape.num_hidden_layers,
+        "num_attention_heads": shape.num_attention_heads,
+        "num_key_value_heads": shape.num_key_value_heads,
+        "head_dim": shape.head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": MAX_POSITION_EMBEDDINGS,
         "rms_norm_eps": RMS_NORM_EPS,
@@ -314,51 +341,57 @@ def _vocab_size(tokenizer_json: dict[str, Any]) -> int:
 # --- weights -------------------------------------------------------------------------------------
 
 
-def weight_shapes(vocab_size: int) -> dict[str, tuple[int, ...]]:
+def weight_shapes(vocab_size: int, shape: Shape = DEFAULT_SHAPE) -> dict[str, tuple[int, ...]]:
     """Hugging Face Llama parameter names and shapes, in the fixed order the generator draws them."""
-    kv_size = NUM_KEY_VALUE_HEADS * HEAD_DIM
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab_size, HIDDEN_SIZE)}
-    for layer in range(NUM_HIDDEN_LAYERS):
+    hidden, inter, heads, dim = (
+        shape.hidden_size,
+        shape.intermediate_size,
+        shape.num_attention_heads,
+        shape.head_dim,
+    )
+    kv_size = shape.num_key_value_heads * dim
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab_size, hidden)}
+    for layer in range(shape.num_hidden_layers):
         prefix = f"model.layers.{layer}"
         shapes.update(
             {
-                f"{prefix}.input_layernorm.weight": (HIDDEN_SIZE,),
-                f"{prefix}.self_attn.q_proj.weight": (NUM_ATTENTION_HEADS * HEAD_DIM, HIDDEN_SIZE),
-                f"{prefix}.self_attn.k_proj.weight": (kv_size, HIDDEN_SIZE),
-                f"{prefix}.self_attn.v_proj.weight": (kv_size, HIDDEN_SIZE),
-                f"{prefix}.self_attn.o_proj.weight": (HIDDEN_SIZE, NUM_ATTENTION_HEADS * HEAD_DIM),
-                f"{prefix}.post_attention_layernorm.weight": (HIDDEN_SIZE,),
-                f"{prefix}.mlp.gate_proj.weight": (INTERMEDIATE_SIZE, HIDDEN_SIZE),
-                f"{prefix}.mlp.up_proj.weight": (INTERMEDIATE_SIZE, HIDDEN_SIZE),
-                f"{prefix}.mlp.down_proj.weight": (HIDDEN_SIZE, INTERMEDIATE_SIZE),
+                f"{prefix}.input_layernorm.weight": (hidden,),
+                f"{prefix}.self_attn.q_proj.weight": (heads * dim, hidden),
+                f"{prefix}.self_attn.k_proj.weight": (kv_size, hidden),
+                f"{prefix}.self_attn.v_proj.weight": (kv_size, hidden),
+                f"{prefix}.self_attn.o_proj.weight": (hidden, heads * dim),
+                f"{prefix}.post_attention_layernorm.weight": (hidden,),
+                f"{prefix}.mlp.gate_proj.weight": (inter, hidden),
+                f"{prefix}.mlp.up_proj.weight": (inter, hidden),
+                f"{prefix}.mlp.down_proj.weight": (hidden, inter),
             }
         )
-    shapes["model.norm.weight"] = (HIDDEN_SIZE,)
-    shapes["lm_head.weight"] = (vocab_size, HIDDEN_SIZE)
+    shapes["model.norm.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (vocab_size, hidden)
     return shapes
 
 
-def random_weights(vocab_size: int) -> dict[str, Any]:
+def random_weights(vocab_size: int, shape: Shape = DEFAULT_SHAPE) -> dict[str, Any]:
     import numpy as np
 
     rng = np.random.default_rng(SEED)
     weights = {}
-    for name, shape in weight_shapes(vocab_size).items():
+    for name, dims in weight_shapes(vocab_size, shape).items():
         if name.endswith("norm.weight"):
             # RMSNorm scales start at one, as in a freshly initialised model.
-            weights[name] = np.ones(shape, dtype=np.float32)
+            weights[name] = np.ones(dims, dtype=np.float32)
         else:
-            weights[name] = rng.normal(0.0, INIT_STD, size=shape).astype(np.float32)
+            weights[name] = rng.normal(0.0, INIT_STD, size=dims).astype(np.float32)
     return weights
 
 
-def _write_weights(path: Path, vocab_size: int) -> None:
+def _write_weights(path: Path, vocab_size: int, shape: Shape) -> None:
     from safetensors.numpy import save
 
     # Fixed metadata: "pt" tells transformers these are PyTorch-layout tensors.
     # Serialized to bytes and written by us: save_file creates the file with mode 0600, unlike the
     # other files, which would surprise a container running as another user.
-    path.write_bytes(save(random_weights(vocab_size), metadata={"format": "pt"}))
+    path.write_bytes(save(random_weights(vocab_size, shape), metadata={"format": "pt"}))
 
 
 # --- CLI -----------------------------------------------------------------------------------------
@@ -375,9 +408,16 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="directory to write into; without it, ensure the cached copy (see $LLMSTACK_CACHE)",
     )
+    # Another size of the same recipe (cached under its own name), e.g. --layers 7 for an uneven pipeline.
+    for flag, name in (("--layers", "num_hidden_layers"), ("--hidden-size", "hidden_size"),
+                       ("--intermediate-size", "intermediate_size"), ("--heads", "num_attention_heads"),
+                       ("--kv-heads", "num_key_value_heads")):  # fmt: skip
+        parser.add_argument(flag, dest=name, type=int, default=getattr(DEFAULT_SHAPE, name))
     args = parser.parse_args(argv)
+    shape = Shape(args.hidden_size, args.intermediate_size, args.num_hidden_layers, args.num_attention_heads,
+                  args.num_key_value_heads)  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    path = generate(args.out_dir) if args.out_dir is not None else ensure_tiny_model()
+    path = generate(args.out_dir, shape) if args.out_dir is not None else ensure_tiny_model(shape=shape)
     print(path)
     return 0
 
