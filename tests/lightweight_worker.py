@@ -38,7 +38,10 @@ class Worker:
         return httpx.post(self.base_url + path, json=body, headers=headers, timeout=60, **kwargs)
 
 
-def start_worker(tmp_path_factory: pytest.TempPathFactory, *overrides: str) -> Iterator[Worker]:
+def start_worker(
+    tmp_path_factory: pytest.TempPathFactory, *overrides: str, engine: str = "lightweight"
+) -> Iterator[Worker]:
+    """A worker of `engine` (lightweight, or pp: the pipeline, whose rank 0 serves the same API)."""
     from hydra import compose, initialize_config_dir
 
     from llmstack.config.store import register_schemas
@@ -49,13 +52,13 @@ def start_worker(tmp_path_factory: pytest.TempPathFactory, *overrides: str) -> I
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(
             config_name="config",
-            overrides=["engine=lightweight", "device=cpu", f"engine.port={port}", f"engine.api_key={API_KEY}",
+            overrides=[f"engine={engine}", "device=cpu", f"engine.port={port}", f"engine.api_key={API_KEY}",
                        "engine.torch_threads=1", f"+engine.extra_env.{MARK_KEY}={mark}", *overrides],
         )  # fmt: skip
     run = resolve(to_run_config(cfg), Path(CONFIG_DIR), Inventory())
     ensure_tiny_model()
     validate(run, Path(CONFIG_DIR))
-    plan = get_engine("lightweight").plan(run)
+    plan = get_engine(engine).plan(run)
     proc = ServerProcess(plan, tmp_path_factory.mktemp("worker") / "server.log")
     try:
         proc.start()
