@@ -105,7 +105,7 @@ def test_cached_config_with_a_key_the_schema_lacks_is_recomposed(tmp_path: Path)
 @pytest.mark.parametrize(
     ("args", "fragments"),
     [
-        (["engine=vlm"], ["engine=vlm", "did you mean engine=vllm", "lightweight, vllm"]),
+        (["engine=vlm"], ["engine=vlm", "did you mean engine=vllm", "lightweight, pp, vllm"]),
         (["model=qwen"], ["model=qwen", "qwen14b", "tiny"]),
         (
             ["engine.max_num_seq=64"],

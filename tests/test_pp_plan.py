@@ -272,10 +272,10 @@ def test_multi_node_renders_every_node_differing_only_in_node_rank(compose_cfg) 
 
 
 def test_dry_run_prints_the_xpu_plan_and_every_node() -> None:
-    done = llmstack("engine=pp", "engine.backend=ipex_llm", "device=xpu", "model=llama2_7b", "dry_run=true")
+    done = llmstack("engine=pp", "device=xpu", "device.count=2", "model=llama2_7b", "dry_run=true")
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    assert "# llmstack dry run: pp-ipex_llm" in out and "-m llmstack.workers.pipeline.torchrun" in out
+    assert "# llmstack dry run: pp-transformers" in out and "-m llmstack.workers.pipeline.torchrun" in out
     assert "--nproc-per-node=2" in out and "export ZE_AFFINITY_MASK=0,1" in out
     assert "# Memory estimate per stage" in out and "stage 1 (layers 16-31 + final norm and LM head)" in out
     multi = llmstack(
@@ -349,6 +349,10 @@ def test_dry_run_prints_the_xpu_plan_and_every_node() -> None:
 )
 def test_rule(compose_cfg, overrides: str, key: str, fragment: str) -> None:
     found = problems(compose_cfg, *overrides.split())
+    if "engine.backend=ipex_llm" in overrides:  # refused, for now; the rules beside it still hold
+        refused = [f for f in found if "not served by the pipeline worker yet" in str(f)]
+        assert len(refused) == 1 and refused[0].key == "engine.backend"
+        found = [f for f in found if f not in refused]
     assert found, overrides
     assert found[0].key == key, str(found[0])
     assert fragment in str(found[0]), str(found[0])
@@ -364,7 +368,8 @@ def test_other_nodes_are_rendered_in_a_dry_run(compose_cfg) -> None:
 
 def test_valid_configs_pass(compose_cfg) -> None:
     assert problems(compose_cfg, "device=cpu") == []
-    assert problems(compose_cfg, "device=xpu", "engine.backend=ipex_llm", "model=llama2_7b") == []
+    (refused,) = problems(compose_cfg, "device=xpu", "engine.backend=ipex_llm", "model=llama2_7b")
+    assert refused.key == "engine.backend" and "engine=lightweight engine.backend=ipex_llm" in str(refused)
     assert problems(compose_cfg, "device=cpu", "model=llama2_7b", "engine.layer_split=[20,12]") == []
 
 
@@ -396,12 +401,12 @@ def test_refused_on_the_command_line_with_exit_2(overrides: str, fragment: str) 
 
 # --- memory fit per stage --------------------------------------------------------------------------------
 
-# Llama-2-7B at fp8 on 4 GiB cards, 1024-token sequences.
+# Llama-2-7B in float16 on 8 GiB cards, 1024-token sequences.
 SMALL_CARD = [
     "device=xpu",
-    "engine.backend=ipex_llm",
+    "low_bit=fp16",
     "model=llama2_7b",
-    "device.memory_gib=4",
+    "device.memory_gib=8",
     "engine.max_model_len=1024",
 ]
 
@@ -411,7 +416,7 @@ def test_a_stage_that_does_not_fit_is_refused_and_more_stages_fit(compose_cfg) -
     text = str(error)
     # The last stage is the larger by its final norm: it is the one named.
     assert (
-        "stage 1 (layers 16-31 + final norm and LM head)" in text and "more than device.memory_gib=4" in text
+        "stage 1 (layers 16-31 + final norm and LM head)" in text and "more than device.memory_gib=8" in text
     )
     assert "engine.pipeline_parallel_size=3" in text and "engine.max_model_len=" in text
     assert problems(compose_cfg, *SMALL_CARD, "engine.pipeline_parallel_size=3") == []
@@ -422,7 +427,7 @@ def test_a_stage_that_does_not_fit_is_refused_and_more_stages_fit(compose_cfg) -
         summary is not None
         and summary.count(" GiB; stage ") == 2
         and "stage 2 (layers 22-31 + final norm and LM head)" in summary
-        and "of 4 GiB per device" in summary
+        and "of 8 GiB per device" in summary
     )
 
 

@@ -35,6 +35,17 @@ def config_problems(run: RunConfig) -> Iterator[ConfigError]:
             if e.backend == "ipex_llm"
             else None,
         )
+    if e.backend == "ipex_llm":
+        # The plan renders ipex-llm's setup (its environment, ccl), but the worker's stages run transformers
+        # weights only: refused here rather than by every rank after launch.
+        yield ConfigError(
+            "engine.backend",
+            e.backend,
+            "is not served by the pipeline worker yet: its stages run transformers weights (low_bit none, "
+            "fp16, bf16) with llmstack's fused layers. For ipex-llm's low-bit formats use "
+            "engine=lightweight engine.backend=ipex_llm (one device) or engine=vllm_ipex (several).",
+            ["transformers"],
+        )
     yield from _range_problems(run)
     yield from _dtype_problems(run)
     yield from _layer_problems(run)
@@ -245,8 +256,8 @@ def memory_problems(run: RunConfig, env: dict[str, str]) -> Iterator[ConfigError
         ways.append("engine.micro_batches=1 (the KV cache of one micro-batch in flight, not overlapped)")
     if e.backend == "ipex_llm":
         ways.append("a low_bit of fewer bits")
-    else:
-        ways.append("a low-bit format (engine.backend=ipex_llm on xpu)")
+    elif run.low_bit.name == "none":
+        ways.append("low_bit=bf16 or fp16 (half the bytes of float32 weights)")
     weights_only = weights > budget
     yield ConfigError(
         "engine.pipeline_parallel_size" if weights_only else "engine.max_model_len",

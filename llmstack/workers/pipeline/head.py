@@ -98,8 +98,9 @@ class PipelineHead:
                 self.link.send(Header(STOP))
                 self.link.receive_header(source=self.link.world - 1)
                 self.link.flush()
-            except PipelineBroken as exc:
-                logger.warning("stopping the pipeline: %s", exc)
+            except PipelineBroken:
+                # torchrun signals every rank at once when it is stopped: they may have left already.
+                logger.info("the other ranks stopped before rank 0's STOP reached them")
         self.link.close()
 
     def busy_seconds(self) -> list[float]:

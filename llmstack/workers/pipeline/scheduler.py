@@ -26,18 +26,28 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from llmstack.workers.sampling import sample
 from llmstack.workers.scheduler import Scheduler, _Sequence
-
-if TYPE_CHECKING:
-    from llmstack.workers.pipeline.head import PipelineHead
 
 logger = logging.getLogger(__name__)
 
 # How often the stage figures go to the front end (/metrics), at most.
 STATS_INTERVAL_S = 0.5
+
+
+class Head(Protocol):
+    """What the scheduler needs of the pipeline (`head.PipelineHead`), besides a backend's attributes."""
+
+    def assign(self, seq_id: int) -> int: ...
+    def release(self, seq_id: int) -> None: ...
+    def issue(self, lane: int, seq_ids: list[int], tokens: list[int], starts: list[int],
+              counts: list[int]) -> None: ...  # fmt: skip
+    def collect(self, lane: int) -> Any: ...
+    def ping(self) -> None: ...
+    def shutdown(self) -> None: ...
+    def busy_seconds(self) -> list[float]: ...
 
 
 @dataclass(eq=False)
@@ -51,7 +61,7 @@ class Lane:
 class PipelineScheduler(Scheduler):
     def __init__(
         self,
-        head: PipelineHead,
+        head: Head,
         decoders: Any,
         eos_token_ids: Any,
         *,
