@@ -5,8 +5,7 @@ SIGTERM to the launcher stop every rank; three ranks serve a 7-layer model split
 process of it is left (launcher, guardian, torchrun, ranks, model process) and its port is free.
 
 A rank is found by torchrun's RANK in its environment; rank 0's model process inherits RANK=0 and is the
-one that multiprocessing's spawn_main runs. Each run is started once and checked by several tests where
-some of its promises are kept and others not yet (the xfail ones say which defect they show).
+one that multiprocessing's spawn_main runs. Each run is started once and checked by several tests.
 """
 
 from __future__ import annotations
@@ -204,17 +203,6 @@ def assert_rank_reported(text: str, rank: int, log_line: str) -> None:
     assert f"  [rank {rank}] " in text and log_line in text, text[-4000:]
 
 
-# Not strict: both defects are races, and the report sometimes does reach the console (2 runs in 5 here).
-REPORT_LOST = (
-    "defects (races): (a) the launcher takes the engine log's tail for the console when it notices a dead "
-    "process (phases/runner.py: EngineError(..., server.log_tail()) before server.stop()), while torchrun "
-    "prints its 'pipeline rank K ... failed first' report only after stopping the other ranks, so the "
-    "report often reaches server.log but not the console; (b) the launcher's SIGTERM to torchrun while it "
-    "is stopping the other ranks turns the failure into a SignalException, and workers/pipeline/torchrun.py "
-    "then prints 'torchrun stopped its ranks on signal SIGTERM' (exit 0): the failed rank is never named"
-)
-
-
 def test_killing_rank_1_mid_stream_ends_the_run_with_exit_3_and_leaves_nothing(rank1_killed: Outcome) -> None:
     assert_failed_cleanly(rank1_killed)
     # rank 0's own account of the broken ring is on the console (its log's tail).
@@ -222,17 +210,21 @@ def test_killing_rank_1_mid_stream_ends_the_run_with_exit_3_and_leaves_nothing(r
     assert "Traceback" not in rank1_killed.console, rank1_killed.console[-4000:]
 
 
-@pytest.mark.xfail(strict=False, reason=REPORT_LOST)
 def test_killing_rank_1_names_it_and_its_log_on_the_console(rank1_killed: Outcome) -> None:
     assert_rank_reported(rank1_killed.console, 1, "rank 1 ready")
 
 
 def test_killing_rank_0s_model_process_ends_the_run_with_exit_3(rank0_model_killed: Outcome) -> None:
-    """The OOM killer's likeliest victim (it holds stage 0 and the KV cache): rank 1 sees rank 0 gone, and
-    torchrun names rank 1, which exited first (status 1), not rank 0, whose front end is still stopping."""
+    """The OOM killer's likeliest victim (it holds stage 0 and the KV cache): torchrun names rank 0, whose
+    front end exits when its model process is gone, not rank 1, which only lost its peer (and leaves a
+    moment later, so as not to be taken for the cause)."""
     assert_failed_cleanly(rank0_model_killed)
-    assert "from rank 0: rank 0 is gone" in rank0_model_killed.console, rank0_model_killed.console[-4000:]
-    assert "Traceback" not in rank0_model_killed.console, rank0_model_killed.console[-4000:]
+    console = rank0_model_killed.console
+    assert "pipeline rank 0 (local rank 0, pid " in console and "failed first: exit status 1" in console, (
+        console[-4000:]
+    )
+    assert "the model process exited (status -9)" in console, console[-4000:]
+    assert "Traceback" not in console, console[-4000:]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
@@ -294,6 +286,5 @@ def test_killing_rank_2_of_3_ends_the_run_with_exit_3(rank2_of_3_killed: Outcome
     assert "from rank 2: rank 2 is gone" in console or "pipeline rank 2 " in console, console[-4000:]
 
 
-@pytest.mark.xfail(strict=False, reason=REPORT_LOST)
 def test_killing_rank_2_of_3_names_it_and_its_log_on_the_console(rank2_of_3_killed: Outcome) -> None:
     assert_rank_reported(rank2_of_3_killed.console, 2, "rank 2 ready")

@@ -51,6 +51,8 @@ logger = logging.getLogger(__name__)
 # death later is the engine's death. (Younger ones may be short-lived helpers caught by chance.)
 _MEMBER_MIN_AGE_S = 1.0
 _HEALTH_TIMEOUT_S = 5.0
+# Seconds an engine whose process died may take to go down by itself and say why (see `_await_own_exit`).
+_OWN_EXIT_WAIT_S = 10.0
 
 
 class ServerProcess:
@@ -194,6 +196,7 @@ class ServerProcess:
         """EngineError (exit 3) with the reason and the log's last lines if the engine is not healthy."""
         problem = self.health_problem()
         if problem is not None:
+            self._await_own_exit()
             self._settle_log()
             raise EngineError(
                 f"{self.plan.engine} is not healthy {when}: {problem}; its log is {self.log_path}",
@@ -338,6 +341,17 @@ class ServerProcess:
     def _raise_if_log_failed(self) -> None:
         if self.log_error:
             raise EngineError(f"{self.plan.engine}: {self.log_error}")
+
+    def _await_own_exit(self) -> None:
+        """A process of the engine died while its main process lives on: give the main process a moment
+        to go down by itself, since engines say what failed as they do (torchrun names the failed rank and
+        prints its log after stopping the others; vLLM's API server logs its engine core's death). Their
+        words then reach the error's log tail instead of being cut off by our stop."""
+        assert self.proc is not None
+        if self.proc.poll() is not None or all(m.alive() for m in self._members):
+            return
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=min(self.plan.shutdown_grace_s, _OWN_EXIT_WAIT_S))
 
     def _settle_log(self) -> None:
         """Let the log copier take the last words of a process that has exited (not more than a moment:

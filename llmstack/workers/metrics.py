@@ -151,6 +151,13 @@ class WorkerMetrics:
             "Seconds each pipeline stage spent computing (busy fraction: its rate).",
             [("", f'{label},stage="{i}"', float(b)) for i, b in enumerate(busy)],
         )
+        cpu = stats.get("stage_cpu_seconds", [])
+        metric(
+            "pipeline_stage_cpu_seconds_total",
+            "counter",
+            "CPU seconds of each stage's computing thread (below busy seconds while it waits for a core).",
+            [("", f'{label},stage="{i}"', float(c)) for i, c in enumerate(cpu)],
+        )
         metric(
             "pipeline_micro_batches_in_flight",
             "gauge",

@@ -38,8 +38,9 @@ class PipelineHead:
         self._free = list(range(self.max_batch_size - 1, -1, -1))
         self._slot_of: dict[int, int] = {}
         self._numbers = 0
-        self._busy_s = 0.0
+        self._busy_s = self._cpu_s = 0.0
         self._remote_busy_us: tuple[int, ...] = (0,) * link.world
+        self._remote_cpu_us: tuple[int, ...] = (0,) * link.world
         # A one-stage pipeline computes its logits here: kept until the lane collects them.
         self._local: dict[int, torch.Tensor] = {}
 
@@ -58,16 +59,17 @@ class PipelineHead:
     def issue(self, lane: int, seq_ids: Sequence[int], tokens: list[int], starts: list[int],
               counts: list[int]) -> None:  # fmt: skip
         slots = [self._slot_of[s] for s in seq_ids]
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.thread_time()
         out = self.stage.forward(torch.tensor(tokens, dtype=torch.long), slots, starts, counts)
         if self.device.type != "cpu":
             torch.accelerator.synchronize(self.device)  # busy time is the device's, not the launch's
         self._busy_s += time.perf_counter() - started
+        self._cpu_s += time.thread_time() - cpu_started
         self._numbers += 1
         if self.link.world == 1:
             self._local[lane] = out
             return
-        header = Header(STEP, lane, self._numbers, tuple(slots), tuple(starts), tuple(counts), self._busy())
+        header = Header(STEP, lane, self._numbers, tuple(slots), tuple(starts), tuple(counts), *self._busy())
         self.link.send(header, out)
 
     def collect(self, lane: int) -> torch.Tensor:
@@ -78,18 +80,19 @@ class PipelineHead:
         header = self.link.receive_header(source=last)
         if header.kind != STEP or header.lane != lane:
             raise PipelineBroken(f"rank {last} returned {header} where micro-batch {lane}'s step was due")
-        self._remote_busy_us = header.busy_us
+        self._remote_busy_us, self._remote_cpu_us = header.busy_us, header.cpu_us
         return self.link.receive_payload((len(header.slots), self.vocab_size), torch.float32, source=last)
 
     def ping(self) -> None:
         """A header round the ring and back: every rank is alive and has loaded its stage."""
         if self.link.world == 1:
             return
-        self.link.send(Header(PING, busy_us=self._busy()))
+        busy, cpu = self._busy()
+        self.link.send(Header(PING, busy_us=busy, cpu_us=cpu))
         header = self.link.receive_header(source=self.link.world - 1)
         if header.kind != PING:
             raise PipelineBroken(f"rank {self.link.world - 1} answered a ping with {header}")
-        self._remote_busy_us = header.busy_us
+        self._remote_busy_us, self._remote_cpu_us = header.busy_us, header.cpu_us
 
     def shutdown(self) -> None:
         """Tell every rank to stop, and wait until the last one passed it on (each rank has then flushed)."""
@@ -104,11 +107,20 @@ class PipelineHead:
         self.link.close()
 
     def busy_seconds(self) -> list[float]:
-        """Seconds each stage has spent computing (the other stages' as of their last returned step)."""
+        """Seconds each stage has spent computing, by the clock (the other stages' as of their last
+        returned step)."""
         return [self._busy_s] + [us / 1e6 for us in self._remote_busy_us[1:]]
 
-    def _busy(self) -> tuple[int, ...]:
-        return (int(self._busy_s * 1e6), *self._remote_busy_us[1:])
+    def cpu_seconds(self) -> list[float]:
+        """CPU seconds of each stage's computing thread: below busy_seconds when a stage waits for a core
+        (or for its device)."""
+        return [self._cpu_s] + [us / 1e6 for us in self._remote_cpu_us[1:]]
+
+    def _busy(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (int(self._busy_s * 1e6), *self._remote_busy_us[1:]), (
+            int(self._cpu_s * 1e6),
+            *self._remote_cpu_us[1:],
+        )
 
 
 # -- the model process ------------------------------------------------------------------------------------

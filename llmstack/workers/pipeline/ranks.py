@@ -27,6 +27,8 @@ logger = logging.getLogger("llmstack.workers.pipeline")
 
 # Seconds every rank may take to load its stage before the group gives up on the slowest.
 LOAD_TIMEOUT_S = 3600.0
+# Seconds a rank whose peer is gone waits before it exits (see `main`).
+PEER_LOSS_EXIT_DELAY_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -207,6 +209,9 @@ def main(options: PipelineOptions, rank: int) -> int:
         serve_stage(link, stage, plan)
     except PipelineBroken as exc:
         logger.error("%s", exc)
+        # The rank that broke the ring should be the one torchrun sees fail first (it names the first
+        # failure): a rank that only lost its peer leaves a moment later, unless torchrun stops it first.
+        time.sleep(PEER_LOSS_EXIT_DELAY_S)
         return 1
     return 0
 
@@ -217,7 +222,7 @@ def serve_stage(link: Any, stage: Any, plan: StagePlan) -> None:
     from llmstack.workers.pipeline.transport import PING, STOP
 
     rank = link.rank
-    busy_s = 0.0
+    busy_s = cpu_s = 0.0
     logger.info("rank %d ready", rank)
     while True:
         header = link.receive_header()
@@ -229,15 +234,21 @@ def serve_stage(link: Any, stage: Any, plan: StagePlan) -> None:
                 return
             continue
         hidden = link.receive_payload((header.tokens, plan.hidden_size), stage.dtype)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.thread_time()
         out = stage.forward(hidden, header.slots, header.starts, header.counts)
         if stage.device.type != "cpu":
             torch.accelerator.synchronize(stage.device)
         busy_s += time.perf_counter() - started
-        busy = list(header.busy_us) + [0] * (link.world - len(header.busy_us))
-        busy[rank] = int(busy_s * 1e6)
-        header.busy_us = tuple(busy)
+        cpu_s += time.thread_time() - cpu_started
+        header.busy_us = _with_mine(header.busy_us, rank, link.world, busy_s)
+        header.cpu_us = _with_mine(header.cpu_us, rank, link.world, cpu_s)
         link.send(header, out)
+
+
+def _with_mine(per_stage: tuple[int, ...], rank: int, world: int, seconds: float) -> tuple[int, ...]:
+    values = list(per_stage) + [0] * (world - len(per_stage))
+    values[rank] = int(seconds * 1e6)
+    return tuple(values)
 
 
 def configure_logging(level: str) -> None:

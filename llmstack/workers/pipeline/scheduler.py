@@ -48,6 +48,7 @@ class Head(Protocol):
     def ping(self) -> None: ...
     def shutdown(self) -> None: ...
     def busy_seconds(self) -> list[float]: ...
+    def cpu_seconds(self) -> list[float]: ...
 
 
 @dataclass(eq=False)
@@ -217,6 +218,7 @@ class PipelineScheduler(Scheduler):
         self.publish_stats(
             {
                 "stage_busy_seconds": self.head.busy_seconds(),
+                "stage_cpu_seconds": self.head.cpu_seconds(),
                 "in_flight": self._in_flight(),
                 "steps": self.steps,
             }

@@ -2,9 +2,10 @@
 
 Every message goes one way round the ring, rank r to r+1, the last rank back to rank 0:
 
-    header  int64 [HEADER_FIXED + stages + 3 * max_seqs]: kind, lane, sequences, tokens, step number, each
-            stage's busy microseconds so far (each stage writes its own), then (slot, start, count) of
-            each sequence;
+    header  int64 [HEADER_FIXED + 2 * stages + 3 * max_seqs]: kind, lane, sequences, tokens, step number,
+            each stage's busy microseconds so far (wall clock, then the computing thread's CPU time: a stage
+            waiting for a core counts in the first only; each stage writes its own), then (slot, start,
+            count) of each sequence;
     payload hidden states [tokens, hidden] from each stage to the next (rank 0 embeds the tokens and
             runs its layers first), float32 logits [sequences, vocab] from the last stage to rank 0.
             PING and STOP carry none.
@@ -45,8 +46,10 @@ class Header:
     slots: tuple[int, ...] = ()
     starts: tuple[int, ...] = ()
     counts: tuple[int, ...] = ()
-    # Busy microseconds of each stage, as last written by that stage.
+    # Busy microseconds of each stage (wall clock, and CPU time of its computing thread), as last written
+    # by that stage.
     busy_us: tuple[int, ...] = ()
+    cpu_us: tuple[int, ...] = ()
 
     @property
     def tokens(self) -> int:
@@ -83,7 +86,7 @@ class Link:
         timeout = datetime.timedelta(seconds=timeout_s)
         self.group = dist.new_group(backend=backend, timeout=timeout)
         self.control = self.group if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
-        self.header_len = HEADER_FIXED + world + 3 * max_seqs
+        self.header_len = HEADER_FIXED + 2 * world + 3 * max_seqs
         self._pending: collections.deque[tuple[Any, Any]] = collections.deque()
         self.next = (rank + 1) % world
         self.previous = (rank - 1) % world
@@ -153,8 +156,8 @@ class Link:
         if n > self.max_seqs:
             raise ValueError(f"a step of {n} sequences exceeds the header's {self.max_seqs}")
         values = [h.kind, h.lane, n, h.tokens, h.number]
-        busy = list(h.busy_us) + [0] * (self.world - len(h.busy_us))
-        values += busy
+        for per_stage in (h.busy_us, h.cpu_us):
+            values += list(per_stage) + [0] * (self.world - len(per_stage))
         for triple in zip(h.slots, h.starts, h.counts, strict=True):
             values += triple
         values += [0] * (self.header_len - len(values))
@@ -164,8 +167,9 @@ class Link:
         values = buffer.tolist()
         n = values[_SEQS]
         busy = tuple(values[HEADER_FIXED : HEADER_FIXED + self.world])
-        meta = values[HEADER_FIXED + self.world : HEADER_FIXED + self.world + 3 * n]
+        cpu = tuple(values[HEADER_FIXED + self.world : HEADER_FIXED + 2 * self.world])
+        meta = values[HEADER_FIXED + 2 * self.world : HEADER_FIXED + 2 * self.world + 3 * n]
         return Header(
-            kind=values[_KIND], lane=values[_LANE], number=values[_NUMBER],
-            slots=tuple(meta[0::3]), starts=tuple(meta[1::3]), counts=tuple(meta[2::3]), busy_us=busy,
+            kind=values[_KIND], lane=values[_LANE], number=values[_NUMBER], slots=tuple(meta[0::3]),
+            starts=tuple(meta[1::3]), counts=tuple(meta[2::3]), busy_us=busy, cpu_us=cpu,
         )  # fmt: skip
