@@ -66,7 +66,7 @@ def server_argv(kind: str, model_dir: Path, port: int, args: argparse.Namespace)
     return [
         py, "-m", "llmstack.workers.pipeline.torchrun", "--standalone", "--nnodes=1", "--nproc-per-node=2",
         "-m", "llmstack.workers.pipeline", *common, "--pipeline-parallel-size", "2", "--torch-threads", "1",
-        "--max-batch-size", str(args.concurrency // 2),
+        "--max-batch-size", str(args.concurrency // 2), "--prefill-chunk", str(args.prefill_chunk),
     ]  # fmt: skip
 
 
@@ -303,6 +303,7 @@ def main() -> int:
     parser.add_argument("--input-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--prefill-chunk", type=int, default=0, help="PP's prompt tokens per step (0: whole)")
     parser.add_argument("--idle-s", type=float, default=5.0, help="idle CPU check of each server")
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")

@@ -41,6 +41,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
 
 
 @pytest.fixture(scope="module")
+def chunked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    """The pipeline feeding prompts 8 tokens a step (engine.prefill_chunk)."""
+    yield from start_worker(tmp_path_factory, *PP_OPTIONS, "engine.prefill_chunk=8", engine="pp")
+
+
+@pytest.fixture(scope="module")
 def lightweight(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
     yield from start_worker(tmp_path_factory)
 
@@ -108,12 +114,20 @@ def mixed_requests(lightweight: Worker) -> list[dict[str, Any]]:
     return requests
 
 
+@pytest.mark.parametrize("pipeline", ["server", "chunked"])
 @pytest.mark.parametrize("concurrent", [False, True], ids=["alone", "concurrent"])
 def test_answers_equal_the_lightweight_workers(
-    server: Worker, lightweight: Worker, mixed_requests: list[dict[str, Any]], concurrent: bool
+    request: pytest.FixtureRequest,
+    pipeline: str,
+    lightweight: Worker,
+    mixed_requests: list[dict[str, Any]],
+    concurrent: bool,
 ) -> None:
     """Tokens, text, finish and stop reasons, usage: identical, request by request, whether each runs alone
-    or all at once (then the pipeline spreads them over its micro-batches)."""
+    or all at once (then the pipeline spreads them over its micro-batches), prompts fed whole or in chunks."""
+    server: Worker = request.getfixturevalue(pipeline)
+    info = httpx.get(server.base_url + "/info", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+    assert info["extra"]["prefill_chunk"] == (8 if pipeline == "chunked" else 0)
     want = answers(lightweight, mixed_requests, concurrent)
     got = answers(server, mixed_requests, concurrent)
     for body, mine, theirs in zip(mixed_requests, got, want, strict=True):

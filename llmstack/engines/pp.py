@@ -103,6 +103,8 @@ class PipelineEngineConfig(EngineConfig):
     micro_batches: int = 0
     # Prompts prefilled in one step of a micro-batch; 0 = every admitted one.
     max_prefilled_seqs: int = 0
+    # Prompt tokens per micro-batch step at most (prompts fed over several steps); 0 = whole prompts.
+    prefill_chunk: int = 0
     max_waiting_requests: int = 256
     # auto | float32 | bfloat16 | float16
     dtype: str = "auto"
@@ -197,6 +199,7 @@ class PipelineEngine:
             pipeline_parallel_size=e.pipeline_parallel_size,
             micro_batches=e.micro_batches,
             max_prefilled_seqs=e.max_prefilled_seqs,
+            prefill_chunk=e.prefill_chunk,
             dist_backend=e.dist_backend,
             partition=e.partition,
             layer_split=",".join(str(n) for n in e.layer_split or ()),

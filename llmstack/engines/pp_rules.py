@@ -62,6 +62,7 @@ def _range_problems(run: RunConfig) -> Iterator[ConfigError]:
         ("engine.max_num_seqs", e.max_num_seqs, 1),
         ("engine.micro_batches", e.micro_batches, 0),
         ("engine.max_prefilled_seqs", e.max_prefilled_seqs, 0),
+        ("engine.prefill_chunk", e.prefill_chunk, 0),
         ("engine.max_waiting_requests", e.max_waiting_requests, 0),
         ("engine.nnodes", e.nnodes, 1),
     ):

@@ -134,6 +134,9 @@ class PipelineOptions(WorkerOptions):
     micro_batches: int = 0
     # Prompts prefilled in one step of a micro-batch; 0 = every admitted one (ipex-llm --max-prefilled-seqs).
     max_prefilled_seqs: int = 0
+    # Prompt tokens one step of a micro-batch carries at most (longer prompts are fed over several steps, so
+    # that steps cost about the same at every stage); 0 = whole prompts.
+    prefill_chunk: int = 0
     dist_backend: str = "gloo"
     partition: str = "layers"
     # Explicit decoder layers per stage, e.g. "3,2,2" (overrides `partition`); "" = computed.
@@ -147,6 +150,8 @@ class PipelineOptions(WorkerOptions):
         argv += ["--pipeline-parallel-size", str(self.pipeline_parallel_size)]
         argv += ["--micro-batches", str(self.micro_batches)]
         argv += ["--max-prefilled-seqs", str(self.max_prefilled_seqs)]
+        if self.prefill_chunk:
+            argv += ["--prefill-chunk", str(self.prefill_chunk)]
         argv += ["--dist-backend", self.dist_backend, "--partition", self.partition]
         if self.layer_split:
             argv += ["--layer-split", self.layer_split]
@@ -159,6 +164,7 @@ class PipelineOptions(WorkerOptions):
         p.add_argument("--pipeline-parallel-size", dest="pipeline_parallel_size", type=_positive, default=2)
         p.add_argument("--micro-batches", dest="micro_batches", type=_non_negative, default=0)
         p.add_argument("--max-prefilled-seqs", dest="max_prefilled_seqs", type=_non_negative, default=0)
+        p.add_argument("--prefill-chunk", dest="prefill_chunk", type=_non_negative, default=0)
         p.add_argument("--dist-backend", dest="dist_backend", choices=DIST_BACKENDS, default="gloo")
         p.add_argument("--partition", choices=PARTITIONS, default="layers")
         p.add_argument("--layer-split", dest="layer_split", default="")

@@ -155,6 +155,7 @@ def _start(options: PipelineOptions, publish: Callable[..., None]) -> tuple[Any,
         lanes=lanes,
         per_lane=per_lane,
         max_prefilled=options.max_prefilled_seqs,
+        prefill_chunk=options.prefill_chunk,
         heartbeat_s=max(1.0, min(30.0, options.collective_timeout_s / 3)),
     )
     info = BackendInfo(
@@ -171,6 +172,7 @@ def _start(options: PipelineOptions, publish: Callable[..., None]) -> tuple[Any,
             "stage_layers": plan.ranges_as_lists(),
             "micro_batches": lanes,
             "max_num_seqs_per_micro_batch": per_lane,
+            "prefill_chunk": options.prefill_chunk,
             "dist_backend": options.dist_backend,
         },
     )

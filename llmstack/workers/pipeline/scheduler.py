@@ -8,7 +8,10 @@ lane's turn it
   2. admits waiting requests into the lane (so that lanes stay equally full, at most `per_lane` each and at
      most `max_prefilled` prompts in one step), and
   3. runs the lane's next step through stage 0 and sends it on: one token for each running sequence, the
-     whole prompt for each admitted one, packed together.
+     prompt of each admitted one, packed together. With `prefill_chunk` > 0 a step carries at most that
+     many prompt tokens (prompts are fed over several steps, their logits read only after the last chunk):
+     every step of every micro-batch then costs about the same, and a long prompt does not leave the other
+     stages waiting for the step that carries it.
 While one lane's step travels through stages 1..N-1, rank 0 works on the next lanes, so with as many lanes
 as stages every stage has work at once. Steps come back in the order they were issued (each stage handles
 them in order), which is the order rank 0 visits the lanes: the lane whose turn it is always owns the
@@ -55,8 +58,10 @@ class Head(Protocol):
 class Lane:
     index: int
     seqs: list[_Sequence] = field(default_factory=list)
-    # The sequences of the step in flight, in the step's order (None: nothing in flight).
+    # The sequences of the step in flight, in the step's order (None: nothing in flight), and for each
+    # whether that step gives it a token (False: a chunk of its prompt that is not the last).
     in_flight: list[_Sequence] | None = None
+    samples: list[bool] = field(default_factory=list)
 
 
 class PipelineScheduler(Scheduler):
@@ -70,6 +75,7 @@ class PipelineScheduler(Scheduler):
         lanes: int,
         per_lane: int,
         max_prefilled: int = 0,
+        prefill_chunk: int = 0,
         heartbeat_s: float = 30.0,
     ) -> None:
         super().__init__(head, decoders, eos_token_ids, publish=publish, text_for_stops_only=True)
@@ -77,6 +83,9 @@ class PipelineScheduler(Scheduler):
         self.lanes = [Lane(i) for i in range(lanes)]
         self.per_lane = per_lane
         self.max_prefilled = max_prefilled
+        self.prefill_chunk = prefill_chunk
+        # seq_id -> how much of its prompt has been fed, while it is not all fed.
+        self._fed: dict[int, int] = {}
         self.heartbeat_s = heartbeat_s
         # Set by the model process: where the stage figures go (the front end's /metrics).
         self.publish_stats: Callable[[dict[str, Any]], None] | None = None
@@ -127,15 +136,18 @@ class PipelineScheduler(Scheduler):
             logits = self.head.collect(lane.index)
             self._accept_step(lane, logits)
             self._take_inbox()
+        for seq in lane.seqs:
+            if seq.finished:
+                self._fed.pop(seq.seq_id, None)
         lane.seqs = [s for s in lane.seqs if not s.finished]
         admitted = self._admit_into(lane)
         lane.seqs += admitted
         if lane.seqs:
-            self._issue(lane, admitted)
+            self._issue(lane)
 
     def _accept_step(self, lane: Lane, logits: Any) -> None:
         seqs, lane.in_flight = lane.in_flight or [], None
-        live = [i for i, s in enumerate(seqs) if not s.finished]
+        live = [i for i, s in enumerate(seqs) if not s.finished and lane.samples[i]]
         if not live:
             return
         if len(live) != len(seqs):
@@ -168,26 +180,45 @@ class PipelineScheduler(Scheduler):
                 self._fail_alone(request.request_id, "admission", exc)
                 continue
             self.head.assign(seq.seq_id)
+            self._fed[seq.seq_id] = 0
             self._running.append(seq)
             self._by_request[request.request_id] = seq
             admitted.append(seq)
         return admitted
 
-    def _issue(self, lane: Lane, admitted: list[_Sequence]) -> None:
-        new = set(map(id, admitted))
+    def _issue(self, lane: Lane) -> None:
         tokens: list[int] = []
         starts: list[int] = []
         counts: list[int] = []
+        seqs: list[_Sequence] = []
+        samples: list[bool] = []
+        budget = self.prefill_chunk or None
         for seq in lane.seqs:
-            if id(seq) in new:
-                tokens += seq.request.prompt_ids
-                starts.append(0)
-                counts.append(len(seq.request.prompt_ids))
-            else:
+            prompt = seq.request.prompt_ids
+            fed = self._fed.get(seq.seq_id)
+            if fed is None:  # decoding: the token sampled last
                 tokens.append(seq.next_token)
-                starts.append(len(seq.request.prompt_ids) + len(seq.output_ids) - 1)
+                starts.append(len(prompt) + len(seq.output_ids) - 1)
                 counts.append(1)
-        seqs = list(lane.seqs)
+                samples.append(True)
+            else:
+                n = len(prompt) - fed if budget is None else min(len(prompt) - fed, budget)
+                if n <= 0:
+                    continue  # this step's prompt budget is spent: its next chunk goes with a later step
+                if budget is not None:
+                    budget -= n
+                tokens += prompt[fed : fed + n]
+                starts.append(fed)
+                counts.append(n)
+                done = fed + n == len(prompt)
+                samples.append(done)
+                if done:
+                    del self._fed[seq.seq_id]
+                else:
+                    self._fed[seq.seq_id] = fed + n
+            seqs.append(seq)
+        if not seqs:
+            return
         try:
             self.head.issue(lane.index, [s.seq_id for s in seqs], tokens, starts, counts)
         except Exception as exc:
@@ -201,7 +232,7 @@ class PipelineScheduler(Scheduler):
                 self._finish(seq, "error", error=f"model step failed: {type(exc).__name__}: {exc}")
             lane.seqs = []
             return
-        lane.in_flight = seqs
+        lane.in_flight, lane.samples = seqs, samples
 
     def _drain(self) -> None:
         """Take back every step still in flight (so that no rank is left sending to a rank that left)."""

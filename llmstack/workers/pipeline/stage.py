@@ -105,8 +105,8 @@ class StageModel:
         starts: Sequence[int],
         counts: Sequence[int],
     ) -> torch.Tensor:
-        """Attention of each sequence's new tokens over its slot (prompts from position 0, decodes of one
-        token at any position), new keys and values written into the cache first. [tokens, heads, dim]."""
+        """Attention of each sequence's new tokens over its slot (a prompt or a chunk of one, a decode of one
+        token), new keys and values written into the cache first. [tokens, heads, dim]."""
         w = self.w
         out = torch.empty_like(q)
         offsets = [0]
@@ -116,15 +116,19 @@ class StageModel:
         for i, (slot, start, n) in enumerate(zip(slots, starts, counts, strict=True)):
             if n == 1:
                 continue
-            if start != 0:
-                raise ValueError("a step of several tokens must start at position 0 (a prompt)")
             rows = slice(offsets[i], offsets[i + 1])
-            k, v = k_new[rows].transpose(0, 1), v_new[rows].transpose(0, 1)
-            k_cache[slot, :, :n] = k
-            v_cache[slot, :, :n] = v
+            k_cache[slot, :, start : start + n] = k_new[rows].transpose(0, 1)
+            v_cache[slot, :, start : start + n] = v_new[rows].transpose(0, 1)
+            k, v = k_cache[slot, :, : start + n], v_cache[slot, :, : start + n]
+            # Token i of the chunk is at position start + i: it sees keys 0 .. start + i.
+            causal = (
+                None
+                if start == 0
+                else torch.ones(n, start + n, dtype=torch.bool, device=self.device).tril(start)
+            )
             attn = F.scaled_dot_product_attention(
-                q[rows].transpose(0, 1).unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
-                is_causal=True, scale=self._scaling, enable_gqa=w.num_heads != w.num_kv_heads,
+                q[rows].transpose(0, 1).unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=causal,
+                is_causal=causal is None, scale=self._scaling, enable_gqa=w.num_heads != w.num_kv_heads,
             )  # fmt: skip
             out[rows] = attn[0].transpose(0, 1)
         if decodes:
