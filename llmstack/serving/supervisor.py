@@ -11,9 +11,8 @@ period, then sends SIGKILL; a plan with `stop_main_first` has its main process T
 its children itself (vLLM). A guardian process (`llmstack.serving.guardian`) does the same if the launcher
 itself dies. While the engine starts, the status line (`llmstack.progress`) shows its latest log line. The
 engine's output is copied to its log without ever blocking the engine: if the log cannot be written (a full
-disk), the output is still drained, dropped and counted, and the run fails saying so.
-
-The supervisor knows nothing about engines: it only runs a LaunchPlan.
+disk), the output is still drained, dropped and counted, and the run fails saying so. The supervisor knows
+nothing about engines: it only runs a LaunchPlan.
 """
 
 from __future__ import annotations
@@ -51,8 +50,7 @@ logger = logging.getLogger(__name__)
 # death later is the engine's death. (Younger ones may be short-lived helpers caught by chance.)
 _MEMBER_MIN_AGE_S = 1.0
 _HEALTH_TIMEOUT_S = 5.0
-# Seconds an engine whose process died may take to go down by itself and say why (see `_await_own_exit`).
-_OWN_EXIT_WAIT_S = 10.0
+_OWN_EXIT_WAIT_S = 10.0  # for an engine whose process died to go down by itself (`_await_own_exit`)
 
 
 class ServerProcess:
@@ -343,15 +341,11 @@ class ServerProcess:
             raise EngineError(f"{self.plan.engine}: {self.log_error}")
 
     def _await_own_exit(self) -> None:
-        """A process of the engine died while its main process lives on: give the main process a moment
-        to go down by itself, since engines say what failed as they do (torchrun names the failed rank and
-        prints its log after stopping the others; vLLM's API server logs its engine core's death). Their
-        words then reach the error's log tail instead of being cut off by our stop."""
+        """A process died, the main one lives: let it go down and say what failed (torchrun does)."""
         assert self.proc is not None
-        if self.proc.poll() is not None or all(m.alive() for m in self._members):
-            return
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=min(self.plan.shutdown_grace_s, _OWN_EXIT_WAIT_S))
+        if self.proc.poll() is None and not all(m.alive() for m in self._members):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=min(self.plan.shutdown_grace_s, _OWN_EXIT_WAIT_S))
 
     def _settle_log(self) -> None:
         """Let the log copier take the last words of a process that has exited (not more than a moment:
