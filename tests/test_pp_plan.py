@@ -15,8 +15,8 @@ from llmstack.config.resolve import resolve, to_run_config
 from llmstack.config.schema import ModelArchitecture, RunConfig
 from llmstack.devices import Inventory
 from llmstack.engines import ENGINE_SCHEMAS, get_engine, pp_memory
-from llmstack.engines.lightweight import LightweightEngineConfig
-from llmstack.engines.pp import REQUEST_LIMITS, PipelineEngineConfig
+from llmstack.engines.lightweight import REQUEST_LIMITS, LightweightEngineConfig
+from llmstack.engines.pp import PipelineEngineConfig
 from llmstack.errors import ConfigError
 from llmstack.serving.plan import LaunchPlan
 from llmstack.validation.rules import config_problems

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from llmstack.config.schema import EngineConfig, LowBitConfig, RunConfig
 from llmstack.engines.base import (
@@ -67,6 +67,43 @@ class LightweightEngineConfig(EngineConfig):
     trust_request_chat_template: bool = False
     stall_timeout_s: float = 60.0
     startup_timeout_s: float = 600.0
+
+
+# The worker's request limits (WorkerOptions says why each is there): keys of every engine that runs it.
+REQUEST_LIMITS = (
+    "max_stop_strings",
+    "max_stop_string_chars",
+    "max_request_bytes",
+    "max_prompt_chars",
+    "trust_request_chat_template",
+    "stall_timeout_s",
+)
+
+
+def worker_fields(run: RunConfig) -> dict[str, Any]:
+    """The WorkerOptions that every engine running our worker renders the same way from its config (the
+    lightweight worker, the pipeline's rank 0): model, address, backend and dtype, queue, limits."""
+    e = run.engine
+    ipex = e.backend == "ipex_llm"
+    # The transformers backend serves unquantized weights: low_bit picks the dtype.
+    dtype = e.dtype if ipex else TRANSFORMERS_LOW_BITS.get(run.low_bit.name) or e.dtype
+    return {
+        "model": str(run.model.path),
+        "served_model_name": str(e.served_model_name),
+        "tokenizer": run.model.tokenizer,
+        "host": e.host,
+        "port": e.port,
+        "backend": e.backend,
+        "device": run.device.name,
+        "dtype": dtype,
+        "low_bit": run.low_bit.ipex if ipex else None,
+        "max_waiting_requests": e.max_waiting_requests,
+        "max_model_len": e.max_model_len,
+        "trust_remote_code": bool(e.trust_remote_code),
+        "torch_threads": e.torch_threads,
+        "log_level": e.log_level,
+        **{name: getattr(e, name) for name in REQUEST_LIMITS},
+    }
 
 
 class LightweightEngine:
@@ -171,34 +208,11 @@ class LightweightEngine:
 
     def worker_options(self, run: RunConfig) -> WorkerOptions:
         e: LightweightEngineConfig = run.engine
-        ipex = e.backend == "ipex_llm"
-        dtype = e.dtype
-        if not ipex:
-            dtype = TRANSFORMERS_LOW_BITS.get(run.low_bit.name) or dtype
         return WorkerOptions(
-            model=str(run.model.path),
-            served_model_name=str(e.served_model_name),
-            tokenizer=run.model.tokenizer,
-            host=e.host,
-            port=e.port,
-            backend=e.backend,
-            device=run.device.name,
-            dtype=dtype,
-            low_bit=run.low_bit.ipex if ipex else None,
+            **worker_fields(run),
             model_impl=e.model_impl,
             max_batch_size=e.max_batch_size,
-            max_waiting_requests=e.max_waiting_requests,
-            max_model_len=e.max_model_len,
-            trust_remote_code=bool(e.trust_remote_code),
-            torch_threads=e.torch_threads,
             model_process=e.model_process,
-            log_level=e.log_level,
-            max_stop_strings=e.max_stop_strings,
-            max_stop_string_chars=e.max_stop_string_chars,
-            max_request_bytes=e.max_request_bytes,
-            max_prompt_chars=e.max_prompt_chars,
-            trust_request_chat_template=e.trust_request_chat_template,
-            stall_timeout_s=e.stall_timeout_s,
         )
 
     def plan(self, run: RunConfig) -> LaunchPlan:

@@ -25,7 +25,7 @@ from llmstack.engines.base import (
     source_first_pythonpath,
     with_server_defaults,
 )
-from llmstack.engines.lightweight import TRANSFORMERS_LOW_BITS, LightweightEngine
+from llmstack.engines.lightweight import LightweightEngine, worker_fields
 from llmstack.errors import ConfigError
 from llmstack.serving.plan import LaunchPlan
 from llmstack.workers.protocol import (
@@ -75,16 +75,6 @@ IPEX_LLM_ENV: tuple[tuple[str, str, str], ...] = (
 #                        the serving image, or source them before llmstack
 #   LD_PRELOAD=...libtcmalloc.so (run.sh only): engine.extra_env.LD_PRELOAD
 # NCCL_* and other collective settings of this machine are inherited untouched.
-
-# Request limits, as the lightweight worker's (WorkerOptions says why each is there); the same defaults.
-REQUEST_LIMITS = (
-    "max_stop_strings",
-    "max_stop_string_chars",
-    "max_request_bytes",
-    "max_prompt_chars",
-    "trust_request_chat_template",
-    "stall_timeout_s",
-)
 
 
 @dataclass
@@ -178,24 +168,9 @@ class PipelineEngine:
 
     def worker_options(self, run: RunConfig) -> PipelineOptions:
         e: PipelineEngineConfig = run.engine
-        ipex = e.backend == "ipex_llm"
-        dtype = e.dtype if ipex else TRANSFORMERS_LOW_BITS.get(run.low_bit.name) or e.dtype
         return PipelineOptions(
-            model=str(run.model.path),
-            served_model_name=str(e.served_model_name),
-            tokenizer=run.model.tokenizer,
-            host=e.host,
-            port=e.port,
-            backend=e.backend,
-            device=run.device.name,
-            dtype=dtype,
-            low_bit=run.low_bit.ipex if ipex else None,
+            **worker_fields(run),
             max_batch_size=e.max_num_seqs,
-            max_waiting_requests=e.max_waiting_requests,
-            max_model_len=e.max_model_len,
-            trust_remote_code=bool(e.trust_remote_code),
-            torch_threads=e.torch_threads,
-            log_level=e.log_level,
             pipeline_parallel_size=e.pipeline_parallel_size,
             micro_batches=e.micro_batches,
             max_prefilled_seqs=e.max_prefilled_seqs,
@@ -204,7 +179,6 @@ class PipelineEngine:
             partition=e.partition,
             layer_split=",".join(str(n) for n in e.layer_split or ()),
             collective_timeout_s=e.collective_timeout_s,
-            **{name: getattr(e, name) for name in REQUEST_LIMITS},
         )
 
     def torchrun_args(self, run: RunConfig, node_rank: int) -> list[str]:

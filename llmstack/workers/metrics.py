@@ -144,20 +144,19 @@ class WorkerMetrics:
 
     @staticmethod
     def _render_pipeline(metric: Callable[..., None], label: str, stats: dict[str, Any]) -> None:
-        busy = stats.get("stage_busy_seconds", [])
-        metric(
-            "pipeline_stage_busy_seconds_total",
-            "counter",
-            "Seconds each pipeline stage spent computing (busy fraction: its rate).",
-            [("", f'{label},stage="{i}"', float(b)) for i, b in enumerate(busy)],
-        )
-        cpu = stats.get("stage_cpu_seconds", [])
-        metric(
-            "pipeline_stage_cpu_seconds_total",
-            "counter",
-            "CPU seconds of each stage's computing thread (below busy seconds while it waits for a core).",
-            [("", f'{label},stage="{i}"', float(c)) for i, c in enumerate(cpu)],
-        )
+        for name, key, help_text in (
+            ("pipeline_stage_busy_seconds_total", "stage_busy_seconds",
+             "Seconds each pipeline stage spent computing (busy fraction: its rate)."),
+            ("pipeline_stage_cpu_seconds_total", "stage_cpu_seconds",
+             "CPU seconds of each stage's computing thread (below busy seconds while it waits for a core)."),
+        ):  # fmt: skip
+            per_stage = stats.get(key, [])
+            metric(
+                name,
+                "counter",
+                help_text,
+                [("", f'{label},stage="{i}"', float(v)) for i, v in enumerate(per_stage)],
+            )
         metric(
             "pipeline_micro_batches_in_flight",
             "gauge",

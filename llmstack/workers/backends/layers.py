@@ -53,13 +53,9 @@ def unsupported_reason(model: Any, max_model_len: int) -> str | None:
     layers = getattr(inner, "layers", None)
     if inner is None or layers is None or not hasattr(inner, "rotary_emb"):
         return "the model does not have the Llama module layout (model.layers, model.rotary_emb)"
-    rope_type = getattr(inner.rotary_emb, "rope_type", "default")
-    if rope_type not in _STATIC_ROPE_TYPES:
-        return f"rope_type {rope_type!r} depends on the sequence length"
-    window = getattr(cfg, "sliding_window", None)
-    uses_window = getattr(cfg, "use_sliding_window", cfg.model_type == "mistral")
-    if window and uses_window and max_model_len > window:
-        return f"sliding-window attention ({window}) is shorter than max_model_len ({max_model_len})"
+    problem = config_unsupported_reason(cfg, getattr(inner.rotary_emb, "rope_type", "default"), max_model_len)
+    if problem is not None:
+        return problem
     for layer in layers:
         attn, mlp = layer.self_attn, layer.mlp
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -73,6 +69,20 @@ def unsupported_reason(model: Any, max_model_len: int) -> str | None:
             return "attention normalizes queries and keys (not implemented)"
         if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
             return "the MLP is not a gated (gate/up/down) MLP"
+    return None
+
+
+def config_unsupported_reason(cfg: Any, rope_type: str, max_model_len: int) -> str | None:
+    """The checks of `unsupported_reason` that need only the config (and the rotary variant): what the
+    pipeline's stages, which build no model, check too."""
+    if cfg.model_type not in FUSED_MODEL_TYPES:
+        return f"model_type {cfg.model_type!r} is not one of {', '.join(FUSED_MODEL_TYPES)}"
+    if rope_type not in _STATIC_ROPE_TYPES:
+        return f"rope_type {rope_type!r} depends on the sequence length"
+    window = getattr(cfg, "sliding_window", None)
+    uses_window = getattr(cfg, "use_sliding_window", cfg.model_type == "mistral")
+    if window and uses_window and max_model_len > window:
+        return f"sliding-window attention ({window}) is shorter than max_model_len ({max_model_len})"
     return None
 
 

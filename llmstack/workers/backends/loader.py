@@ -242,11 +242,16 @@ def _ipex_qtypes(model: Any) -> dict[str, int]:
 
 
 def _eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    ids: list[int] = []
     generation = getattr(model, "generation_config", None)
     configured = getattr(generation, "eos_token_id", None)
     if configured is None:
         configured = getattr(model.config, "eos_token_id", None)
+    return merge_eos_ids(configured, tokenizer)
+
+
+def merge_eos_ids(configured: int | list[int] | None, tokenizer: Any) -> list[int]:
+    """The configured EOS id(s) (generation config, else model config), then the tokenizer's."""
+    ids: list[int] = []
     if isinstance(configured, int):
         ids.append(configured)
     elif configured:

@@ -115,7 +115,7 @@ def load_my_stage(options: PipelineOptions, rank: int) -> tuple[Any, StagePlan]:
     elif options.torch_threads:
         torch.set_num_threads(options.torch_threads)
     try:
-        config = load_config(options.model, options.trust_remote_code)
+        config = load_config(options.model, options.trust_remote_code, options.max_model_len)
         plan = plan_stages(options, config, world, rank)
         start, stop = plan.bounds[rank]
         started = time.perf_counter()
@@ -167,24 +167,22 @@ def _device(name: str, local_rank: int) -> Any:
 
 
 def eos_token_ids(model_dir: str, tokenizer: Any) -> list[int]:
-    """generation_config.json's EOS ids (else config.json's), then the tokenizer's, as the worker's loader."""
+    """generation_config.json's EOS ids (else config.json's), then the tokenizer's, as the worker's loader
+    (which reads them from the loaded model; the stages load none)."""
     import json
     from pathlib import Path
 
-    ids: list[int] = []
+    from llmstack.workers.backends.loader import merge_eos_ids
+
+    configured = None
     for name in ("generation_config.json", "config.json"):
-        path = Path(model_dir) / name
         try:
-            configured = json.loads(path.read_text()).get("eos_token_id")
+            configured = json.loads((Path(model_dir) / name).read_text()).get("eos_token_id")
         except (OSError, ValueError):
             continue
-        if configured is None:
-            continue
-        ids = [configured] if isinstance(configured, int) else [int(i) for i in configured]
-        break
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(int(tokenizer.eos_token_id))
-    return ids
+        if configured is not None:
+            break
+    return merge_eos_ids(configured, tokenizer)
 
 
 # -- ranks 1..N-1 -------------------------------------------------------------------------------------------

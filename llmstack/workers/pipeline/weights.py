@@ -20,12 +20,9 @@ from typing import Any
 
 import torch
 
-from llmstack.workers.backends.layers import Layer, rotary_tables
-from llmstack.workers.protocol import FUSED_MODEL_TYPES
+from llmstack.workers.backends.layers import Layer, config_unsupported_reason, rotary_tables
 
 logger = logging.getLogger(__name__)
-
-_STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 class StageLoadError(Exception):
@@ -63,27 +60,29 @@ class StageWeights:
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def load_config(model_dir: str, trust_remote_code: bool = False) -> Any:
+def load_config(model_dir: str, trust_remote_code: bool = False, max_model_len: int | None = None) -> Any:
+    """The checkpoint's config, if the stages can run it with sequences of `max_model_len` (None: the
+    model's max_position_embeddings)."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    problem = unsupported_reason(config)
+    length = max_model_len or int(getattr(config, "max_position_embeddings", 0) or 2048)
+    problem = unsupported_reason(config, length)
     if problem is not None:
         raise StageLoadError(f"the pipeline cannot run {model_dir}: {problem}")
     return config
 
 
-def unsupported_reason(config: Any) -> str | None:
-    """Why the pipeline's layers cannot run this config, or None (the checks of `layers.unsupported_reason`
-    that need only the config)."""
-    if config.model_type not in FUSED_MODEL_TYPES:
-        return f"model_type {config.model_type!r} is not one of {', '.join(FUSED_MODEL_TYPES)}"
+def unsupported_reason(config: Any, max_model_len: int) -> str | None:
+    """Why the pipeline's layers cannot run this config, or None: the fused decoders' own config checks
+    (`layers.config_unsupported_reason`), the rotary variant read from the config, and the activation."""
     scaling = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
     rope_type = "default"
     if isinstance(scaling, dict):
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type not in _STATIC_ROPE_TYPES:
-        return f"rope_type {rope_type!r} depends on the sequence length"
+    problem = config_unsupported_reason(config, rope_type, max_model_len)
+    if problem is not None:
+        return problem
     if getattr(config, "hidden_act", "silu") not in ("silu", "swish", "gelu", "gelu_pytorch_tanh"):
         return f"hidden_act {config.hidden_act!r} is not a gated MLP activation these layers know"
     return None
