@@ -100,6 +100,31 @@ def stop_requested_or(condition: Callable[[], bool] | None) -> Callable[[], bool
     return lambda: requested() or condition()
 
 
+@contextlib.contextmanager
+def deferred(redeliver: bool = False) -> Iterator[None]:
+    """Where stop signals raise (not captured as a flag), hold Ctrl-C and SIGTERM until the block is done,
+    then raise Interrupted once; with `redeliver`, send the first held signal again to the handler that was
+    in place (KeyboardInterrupt for Ctrl-C by default). Where they are captured, nothing raises mid-way:
+    the flag is looked at after the block."""
+    if threading.current_thread() is not threading.main_thread() or is_captured():
+        yield
+        return
+    pending: list[int] = []
+    previous = {
+        sig: signal.signal(sig, lambda signum, frame: pending.append(signum))
+        for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if pending and redeliver:
+            signal.raise_signal(pending[0])
+        elif pending:
+            raise Interrupted(pending[0], "teardown")
+
+
 def reset() -> None:
     """Forget a received signal (tests only)."""
     _received.clear()

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from llmstack import interrupts
 from llmstack.config.resolve import planned_devices, resolve, to_run_config
-from llmstack.config.schema import RunConfig
+from llmstack.config.schema import EngineConfig, RunConfig
 from llmstack.engines import get_engine
 from llmstack.errors import Interrupted, LlmstackError, ResultsError, describe_unexpected
 from llmstack.results.rundir import RunDir
@@ -38,10 +38,8 @@ def prepare(cfg: DictConfig, config_dir: Path) -> tuple[RunConfig, LaunchPlan]:
     requested = to_run_config(cfg)
     resolved = resolve(requested, config_dir)
     validate(resolved, config_dir, host_checks=not resolved.dry_run)
-    if resolved.engine.port == 0:
-        resolved = dataclasses.replace(
-            resolved, engine=dataclasses.replace(resolved.engine, port=free_port(resolved.engine.host))
-        )
+    if picked := {key: free_port(resolved.engine.host) for key in _free_port_keys(resolved.engine)}:
+        resolved = dataclasses.replace(resolved, engine=dataclasses.replace(resolved.engine, **picked))
     plan = get_engine(resolved.engine.name).plan(resolved)
     if resolved.dry_run:
         print(render_dry_run(resolved, plan))
@@ -121,7 +119,7 @@ class Session:
 
     def _run(self) -> None:
         from llmstack.phases.registry import needs_server
-        from llmstack.serving.supervisor import ServerProcess
+        from llmstack.serving.group import supervise
 
         self._enter("model")
         self._prepare_model()
@@ -136,7 +134,7 @@ class Session:
             return
         self._enter("startup")
         echo = _engine_echo if self.run.show_engine_log else _engine_echo_problems
-        with ServerProcess(self.plan, self.rundir.file(self.plan.log_name), echo=echo) as server:
+        with supervise(self.plan, self.rundir.file, echo=echo) as server:
             self.summary["engine_pid"] = server.pid  # its session id: every process of it is in that session
             # The engine takes many seconds to load: record and build prompts meanwhile, not before (a bad
             # dataset still fails within seconds, and the engine is stopped).
@@ -144,6 +142,8 @@ class Session:
             phase = self._prepare_benchmark()
             self._enter("startup")
             self.summary["ready_s"] = round(server.wait_ready(), 3)
+            if self.plan.members:  # a session each, started one after another
+                self.summary["engine_pids"] = server.pids
             if phase is None:
                 self._enter("serving")
                 logger.info(
@@ -257,8 +257,7 @@ def render_dry_run(run: RunConfig, plan: LaunchPlan) -> str:
         f"# llmstack dry run: {plan.engine}, model={run.model.name}, low_bit={run.low_bit.name}, "
         f"device={run.device.name} {planned_devices(run.device)}",
         "# Nothing was started. Host checks (port free, model path, interpreter) were skipped.",
-        f"# Ready when GET {plan.probe.base_url}{plan.probe.health_path} = 200 and "
-        f"{plan.probe.models_path} lists '{plan.probe.served_name}'.",
+        f"# Ready when {plan.probe.describe()}{_in_order(plan)}.",
         plan.shell_command(),
     ]
     if plan.node_argvs:
@@ -271,6 +270,10 @@ def render_dry_run(run: RunConfig, plan: LaunchPlan) -> str:
     if (memory := get_engine(run.engine.name).memory_summary(run)) is not None:
         lines.insert(3, f"# Memory estimate {memory}.")
     return "\n".join(lines)
+
+
+def _in_order(plan: LaunchPlan) -> str:
+    return f", its {len(plan.members)} processes started in order, each ready first" if plan.members else ""
 
 
 def _other_nodes(plan: LaunchPlan) -> list[str]:
@@ -305,6 +308,11 @@ def describe_environment(plan: LaunchPlan) -> dict[str, Any]:
         "hostname": socket.gethostname(),
         "cpu_count": _cpu_count(),
     }
+
+
+def _free_port_keys(engine: EngineConfig) -> list[str]:
+    """The engine's port keys set to 0, for llmstack to fill."""
+    return [key for key in engine.port_keys() if getattr(engine, key) == 0]
 
 
 def free_port(host: str) -> int:
@@ -345,8 +353,12 @@ def _engine_echo(line: str) -> None:
 
 
 _PROBLEM_MARKERS = ("ERROR", "CRITICAL", "Traceback", "Error:", "error:")
+# FastChat logs whatever its processes write to stderr (uvicorn's INFO lines, warnings) as
+# "<time> | ERROR | stderr | <line>": the line itself says whether it is a problem.
+_STDERR_RELAY = "| ERROR | stderr | "
 
 
 def _engine_echo_problems(line: str) -> None:
-    if any(marker in line for marker in _PROBLEM_MARKERS):
+    said = line.partition(_STDERR_RELAY)[2] or line
+    if any(marker in said for marker in _PROBLEM_MARKERS):
         _engine_echo(line)

@@ -140,8 +140,10 @@ class Launch:
         pids = set()
         for path in self.results.rglob("summary.json"):
             with contextlib.suppress(OSError, ValueError):
-                if (pid := json.loads(path.read_text()).get("engine_pid")) is not None:
+                summary = json.loads(path.read_text())
+                if (pid := summary.get("engine_pid")) is not None:
                     pids.add(int(pid))
+                pids.update(int(pid) for pid in summary.get("engine_pids", {}).values())  # a group's
         return pids
 
     def processes(self) -> list[int]:

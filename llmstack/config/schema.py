@@ -132,6 +132,10 @@ class EngineConfig:
         """How many devices the plan uses: what a dry run assumes where this machine has none."""
         return 1
 
+    def port_keys(self) -> tuple[str, ...]:
+        """The keys of the ports the engine listens on (0: llmstack picks a free one at launch)."""
+        return ("port",)
+
 
 @dataclass
 class BenchmarkConfig:

@@ -18,6 +18,7 @@ _ENGINES: LazyRegistry[type[Engine]] = LazyRegistry(
         "lightweight": "llmstack.engines.lightweight:LightweightEngine",
         "external": "llmstack.engines.external:ExternalEngine",
         "pp": "llmstack.engines.pp:PipelineEngine",
+        "fastchat": "llmstack.engines.fastchat:FastChatEngine",
     }
 )
 # engine.name -> its schema; the engine group's YAMLs start from these.
@@ -27,6 +28,7 @@ ENGINE_SCHEMAS: LazyRegistry[type[EngineConfig]] = LazyRegistry(
         "lightweight": "llmstack.engines.lightweight:LightweightEngineConfig",
         "external": "llmstack.engines.external:ExternalEngineConfig",
         "pp": "llmstack.engines.pp:PipelineEngineConfig",
+        "fastchat": "llmstack.engines.fastchat:FastChatEngineConfig",
     }
 )
 

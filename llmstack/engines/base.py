@@ -102,8 +102,8 @@ class Engine(Protocol):
         """The memory estimate in one line (for command.sh), or None where the engine has none."""
         ...
 
-    def required_module(self, run: RunConfig) -> str:
-        """A top-level module the engine's interpreter must be able to import."""
+    def required_module(self, run: RunConfig) -> str | tuple[str, ...]:
+        """The top-level module(s) the engine's interpreter must be able to import."""
         ...
 
     def plan(self, run: RunConfig) -> LaunchPlan:

@@ -16,15 +16,44 @@ It notes what it did at the end of the engine's log. It imports nothing heavy, t
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import select
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 # Seconds between looks at the engine's processes: one that leaves the tree is still known afterwards.
 POLL_S = 0.5
+
+logger = logging.getLogger(__name__)
+
+
+def start(mark: str, grace_s: float, log_path: Path) -> subprocess.Popen[bytes] | None:
+    """Start the guardian of the engine marked `mark` (the supervisor side); None if it cannot start."""
+    argv = [sys.executable, "-m", "llmstack.serving.guardian", "--mark", mark, "--grace", f"{grace_s:g}"]
+    try:
+        return subprocess.Popen(
+            [*argv, "--log", str(log_path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, "PYTHONPATH": _checkout_first(os.environ.get("PYTHONPATH"))},
+        )
+    except OSError as exc:
+        logger.warning("could not start the guardian process (%s): if llmstack dies, the engine may "
+                       "outlive it", exc)  # fmt: skip
+        return None
+
+
+def _checkout_first(pythonpath: str | None) -> str:
+    """So that the guardian imports this llmstack, wherever the launcher was started from."""
+    here = str(Path(__file__).resolve().parent.parent)
+    return here if not pythonpath else f"{here}{os.pathsep}{pythonpath}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

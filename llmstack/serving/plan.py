@@ -11,15 +11,26 @@ SECRET_ENV_KEYS = ("VLLM_API_KEY", "OPENAI_API_KEY", "HF_TOKEN", "LLMSTACK_API_K
 
 @dataclass(frozen=True)
 class ReadyProbe:
-    """Ready = GET health_path answers 200 AND the process is alive AND models_path lists served_name."""
+    """Ready = `method health_path` answers 200 AND the process is alive AND `models_path` lists served_name
+    (in the JSON's `names_field`: OpenAI's list of {"id": ...}, or a list of names)."""
 
     base_url: str
     served_name: str
     health_path: str = "/health"
-    models_path: str = "/v1/models"
+    # None: a process that serves no model list (FastChat's controller): its health answer is enough.
+    models_path: str | None = "/v1/models"
     api_key: str | None = None
     timeout_s: float = 900.0
     interval_s: float = 0.25
+    method: str = "GET"  # of both requests: FastChat's worker answers POST only
+    names_field: str = "data"
+
+    def describe(self) -> str:
+        """When this probe says ready, in words (dry runs print it)."""
+        health = f"{self.method} {self.base_url}{self.health_path} = 200"
+        if self.models_path is None:
+            return health
+        return f"{health} and {self.models_path} lists '{self.served_name}'"
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,11 @@ class LaunchPlan:
     # A server spread over several machines (engine=pp with engine.nnodes > 1): every node's command in
     # node order, `argv` (this machine's) among them, each run on its node with `env`. Empty: one machine.
     node_argvs: tuple[tuple[str, ...], ...] = ()
+    # A server made of cooperating processes (engine=fastchat: controller, model worker, API server), each a
+    # plan of its own with its probe and log: started in this order, each ready before the next starts, and
+    # stopped in the reverse order; one dying is the engine's death. The plan's own argv, env, probe and log
+    # are its last member's (the one that serves). Empty: one process.
+    members: tuple[LaunchPlan, ...] = ()
 
     @property
     def interpreter(self) -> str:
@@ -51,6 +67,12 @@ class LaunchPlan:
         """The plan as a shell snippet a user can paste: exports, then the command."""
         if self.external:
             return f"# nothing to start: the server at {self.probe.base_url} was started outside llmstack"
+        if self.members:
+            return "\n".join(
+                f"# {i}/{len(self.members)} {m.engine}, ready when {m.probe.describe()}; log: {m.log_name}\n"
+                + m.shell_command(mask_secrets)
+                for i, m in enumerate(self.members, 1)
+            )
         lines = [
             f"export {k}={shlex.quote(self._shown(k, v, mask_secrets))}" for k, v in sorted(self.env.items())
         ]
@@ -63,6 +85,7 @@ class LaunchPlan:
         data["env"] = {k: self._shown(k, v, mask_secrets) for k, v in sorted(self.env.items())}
         if mask_secrets and self.probe.api_key:
             data["probe"]["api_key"] = "***"
+        data["members"] = [m.to_dict(mask_secrets) for m in self.members]
         return data
 
     @staticmethod

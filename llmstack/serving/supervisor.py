@@ -24,20 +24,19 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from llmstack import interrupts
-from llmstack.errors import EngineError, Interrupted
+from llmstack.errors import EngineError
 from llmstack.pdeathsig import die_with_parent
 from llmstack.progress import StatusLine
-from llmstack.serving import proctree
+from llmstack.serving import guardian, proctree
 from llmstack.serving.log_copier import LOG_TAIL_LINES, LogCopier
 from llmstack.serving.plan import LaunchPlan
 
@@ -76,7 +75,7 @@ class ServerProcess:
         # started (after its exec, before Popen returns) would leave it unknown to us: hold it until start()
         # is done, then deliver it as usual.
         try:
-            with _signals_deferred(redeliver=True):
+            with interrupts.deferred(redeliver=True):
                 self.start()
         except BaseException:
             self.stop()
@@ -94,7 +93,7 @@ class ServerProcess:
         env.setdefault("PYTHONUNBUFFERED", "1")
         env[proctree.MARK_ENV] = self.mark
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._guardian = _start_guardian(self.mark, self.plan.shutdown_grace_s, self.log_path)
+        self._guardian = guardian.start(self.mark, self.plan.shutdown_grace_s, self.log_path)
         logger.info("starting %s: %s", self.plan.engine, " ".join(self.plan.argv))
         self.proc = subprocess.Popen(
             self.plan.argv,
@@ -138,9 +137,9 @@ class ServerProcess:
     def log_dropped_bytes(self) -> int:
         return self._log.dropped_bytes if self._log is not None else 0
 
-    def wait_ready(self) -> float:
+    def wait_ready(self, meanwhile: Callable[[], None] | None = None) -> float:
         """Block until ready; returns seconds since start. Raises EngineError if it dies or times out,
-        Interrupted on a stop signal."""
+        Interrupted on a stop signal. `meanwhile` runs at every look (a group: are the others alive?)."""
         probe = self.plan.probe
         started = time.monotonic()
         deadline = started + probe.timeout_s
@@ -148,11 +147,13 @@ class ServerProcess:
         with self._client(timeout=5.0) as client, status:
             while True:
                 interrupts.check()
-                self._raise_if_exited("before it was ready")
+                self.raise_if_exited("before it was ready")
                 self._raise_if_log_failed()
+                if meanwhile is not None:
+                    meanwhile()
                 if self._probe_once(client) and self._port_is_ours():
                     # The process may have died between the probe and now (a stale listener answering).
-                    self._raise_if_exited("right after its probe answered")
+                    self.raise_if_exited("right after its probe answered")
                     elapsed = time.monotonic() - started
                     self._members = self._loading_members()
                     status.close()
@@ -173,6 +174,7 @@ class ServerProcess:
         import httpx
 
         assert self.proc is not None
+        probe = self.plan.probe
         code = self.proc.poll()
         if code is not None:
             return f"its main process exited with status {code}"
@@ -183,11 +185,11 @@ class ServerProcess:
             return self.log_error
         try:
             with self._client(timeout=_HEALTH_TIMEOUT_S) as client:
-                status = client.get(self.plan.probe.health_path).status_code
+                status = client.request(probe.method, probe.health_path).status_code
         except httpx.HTTPError as exc:
-            return f"GET {self.plan.probe.health_path} failed ({type(exc).__name__}: {exc})"
+            return f"{probe.method} {probe.health_path} failed ({type(exc).__name__}: {exc})"
         if status != 200:
-            return f"GET {self.plan.probe.health_path} answered {status}"
+            return f"{probe.method} {probe.health_path} answered {status}"
         return None
 
     def check_healthy(self, when: str) -> None:
@@ -203,15 +205,17 @@ class ServerProcess:
 
     def wait(self) -> None:
         """Serve until the process exits or a process of it dies (an error), or a stop signal."""
-        assert self.proc is not None
         while True:
             interrupts.check()
-            self._raise_if_exited("while serving")
-            self._raise_if_log_failed()
-            dead = [m for m in self._members if not m.alive()]
-            if dead:
-                self.check_healthy("while serving")
+            self.check_serving()
             interrupts.sleep(1.0)
+
+    def check_serving(self) -> None:
+        """EngineError if the process has exited, a process of it died or its log fails (no HTTP: cheap)."""
+        self.raise_if_exited("while serving")
+        self._raise_if_log_failed()
+        if not all(m.alive() for m in self._members):
+            self.check_healthy("while serving")
 
     def wait_exit(self, timeout_s: float | None = None) -> int:
         """Wait for a process that ends by itself (a batch job, not a server); its exit status.
@@ -246,7 +250,7 @@ class ServerProcess:
         if self.proc is None:
             self._release_guardian()  # the engine never started
             return
-        with _signals_deferred():
+        with interrupts.deferred():
             proc = self.proc
             # What an engine says while it is being stopped (vLLM: EngineDeadError tracebacks) is no
             # problem of the run's: it goes to the log only.
@@ -285,16 +289,19 @@ class ServerProcess:
 
         probe = self.plan.probe
         try:
-            if client.get(probe.health_path).status_code != 200:
+            if client.request(probe.method, probe.health_path).status_code != 200:
                 return False
-            models = client.get(probe.models_path)
+            if probe.models_path is None:
+                return True
+            models = client.request(probe.method, probe.models_path)
         except httpx.HTTPError:
             return False
         if models.status_code != 200:
             return False
         try:
-            names = {m.get("id") for m in models.json().get("data", [])}
-        except (ValueError, AttributeError):
+            listed = models.json().get(probe.names_field, [])
+            names = {m.get("id") if isinstance(m, dict) else m for m in listed}
+        except (ValueError, AttributeError, TypeError):
             return False
         return probe.served_name in names
 
@@ -325,7 +332,8 @@ class ServerProcess:
         members = proctree.engine_members(self.proc.pid, self.mark)
         return {m for m in members if m.pid == self.proc.pid or now - m.started >= _MEMBER_MIN_AGE_S}
 
-    def _raise_if_exited(self, when: str) -> None:
+    def raise_if_exited(self, when: str) -> None:
+        """EngineError with the log's last lines if the main process has exited."""
         assert self.proc is not None
         code = self.proc.poll()
         if code is None:
@@ -395,56 +403,8 @@ def run_to_completion(
         return code, proc.log_tail(LOG_TAIL_LINES)
 
 
-def _start_guardian(mark: str, grace_s: float, log_path: Path) -> subprocess.Popen[bytes] | None:
-    argv = [sys.executable, "-m", "llmstack.serving.guardian", "--mark", mark, "--grace", f"{grace_s:g}"]
-    try:
-        return subprocess.Popen(
-            [*argv, "--log", str(log_path)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            env={**os.environ, "PYTHONPATH": _checkout_first(os.environ.get("PYTHONPATH"))},
-        )
-    except OSError as exc:
-        logger.warning("could not start the guardian process (%s): if llmstack dies, the engine may "
-                       "outlive it", exc)  # fmt: skip
-        return None
-
-
-def _checkout_first(pythonpath: str | None) -> str:
-    """So that the guardian imports this llmstack, wherever the launcher was started from."""
-    here = str(Path(__file__).resolve().parent.parent)
-    return here if not pythonpath else f"{here}{os.pathsep}{pythonpath}"
-
-
 def _port_of(url: str) -> int | None:
     try:
         return urlsplit(url).port
     except ValueError:
         return None
-
-
-@contextlib.contextmanager
-def _signals_deferred(redeliver: bool = False) -> Iterator[None]:
-    """Where stop signals raise (not captured as a flag), hold Ctrl-C and SIGTERM until the block is done,
-    then raise Interrupted once; with `redeliver`, send the first held signal again to the handler that was
-    in place (KeyboardInterrupt for Ctrl-C by default). Where they are captured, nothing raises mid-way:
-    the flag is looked at after the block."""
-    if threading.current_thread() is not threading.main_thread() or interrupts.is_captured():
-        yield
-        return
-    pending: list[int] = []
-    previous = {
-        sig: signal.signal(sig, lambda signum, frame: pending.append(signum))
-        for sig in (signal.SIGINT, signal.SIGTERM)
-    }
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if pending and redeliver:
-            signal.raise_signal(pending[0])
-        elif pending:
-            raise Interrupted(pending[0], "teardown")

