@@ -155,7 +155,9 @@ def test_split_refuses_what_cannot_be_split() -> None:
 
 
 def test_xpu_ipex_plan_renders_the_seed_script(compose_cfg) -> None:
-    plan = plan_of(compose_cfg, "engine.backend=ipex_llm", "device=xpu", "device.count=2", "model=llama2_7b")
+    # low_bit=fp8 as the seed script sets it (llmstack's ipex_llm default is sym_int4, which runs on cpu too).
+    seed = ["engine.backend=ipex_llm", "low_bit=fp8", "device=xpu", "device.count=2", "model=llama2_7b"]
+    plan = plan_of(compose_cfg, *seed)
     torchrun, worker = split_argv(plan.argv)
     assert torchrun[: len(SEED_TORCHRUN)] == SEED_TORCHRUN
     # Each rank's output in its own log and in server.log; no fixed rendezvous port (--standalone).
@@ -170,6 +172,40 @@ def test_xpu_ipex_plan_renders_the_seed_script(compose_cfg) -> None:
     assert plan.engine == "pp-ipex_llm" and plan.stop_main_first and plan.node_argvs == ()
     assert plan.probe.base_url == "http://127.0.0.1:8000"
     assert not any(k.startswith("NCCL_") for k in plan.env)
+
+
+def test_ipex_llm_plans_sym_int4_by_default_on_cpu_and_xpu(compose_cfg) -> None:
+    python = "engine.python=.venv-ipex/bin/python"
+    run = resolved(compose_cfg, "device=cpu", "engine.backend=ipex_llm", python)
+    assert get_engine("pp").required_module(run) == "ipex_llm"  # the host check asks this interpreter for it
+    plan = get_engine("pp").plan(run)
+    assert plan.argv[0] == ".venv-ipex/bin/python" and plan.engine == "pp-ipex_llm"
+    options = PipelineOptions.parse(split_argv(plan.argv)[1])
+    assert (options.backend, options.low_bit, options.device, options.dist_backend) == (
+        "ipex_llm", "sym_int4", "cpu", "gloo",
+    )  # fmt: skip
+    assert options.dtype == "auto" and set(plan.env) == {"PYTHONPATH"}  # no XPU settings on cpu
+    assert problems(compose_cfg, "device=cpu", "engine.backend=ipex_llm", python) == []
+    # On xpu: the same format, oneCCL (ccl) and the seed's ipex-llm environment.
+    xpu = plan_of(compose_cfg, "device=xpu", "device.count=2", "model=llama2_7b", "engine.backend=ipex_llm")
+    options = PipelineOptions.parse(split_argv(xpu.argv)[1])
+    assert (options.low_bit, options.dist_backend) == ("sym_int4", "ccl")
+    assert {k: xpu.env.get(k) for k in SEED_ENV} == SEED_ENV
+    # ipex-llm's name of a format is what the ranks get (low_bit.ipex).
+    int8 = plan_of(compose_cfg, "device=cpu", "engine.backend=ipex_llm", "low_bit=sym_int8")
+    assert PipelineOptions.parse(split_argv(int8.argv)[1]).low_bit == "sym_int8"
+
+
+def test_ipex_llm_dry_run_prints_the_xpu_plan() -> None:
+    done = llmstack(
+        "engine=pp", "engine.backend=ipex_llm", "device=xpu", "device.count=2", "model=llama2_7b",
+        "engine.python=.venv-ipex/bin/python", "dry_run=true",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "# llmstack dry run: pp-ipex_llm" in out and "--low-bit sym_int4" in out
+    assert "--dist-backend ccl" in out and "export IPEX_LLM_NOT_USE_VLLM=True" in out
+    assert "stage 1 (layers 16-31 + final norm and LM head)" in out
 
 
 def test_xpu_transformers_uses_xccl_without_ipex_llm_settings(compose_cfg) -> None:
@@ -312,8 +348,11 @@ def test_dry_run_prints_the_xpu_plan_and_every_node() -> None:
         ("device=cpu model=llama2_7b engine.layer_split=[16,15]", "engine.layer_split", "sums to 31"),
         ("device=cpu model=llama2_7b engine.layer_split=[32,0]", "engine.layer_split", "no layers"),
         ("device=cpu low_bit=sym_int4", "low_bit", "engine.backend=ipex_llm"),
-        ("device=cpu engine.backend=ipex_llm low_bit=sym_int4", "device", "XPU-only"),
+        ("device=cuda engine.backend=ipex_llm", "device", "Valid choices: cpu, xpu"),
         ("device=xpu engine.backend=ipex_llm low_bit=none", "low_bit", "load_in_low_bit"),
+        ("device=cpu engine.backend=ipex_llm low_bit=fp8", "low_bit", "only on xpu"),
+        ("device=cpu engine.backend=ipex_llm low_bit=fp8", "low_bit", "sym_int4"),  # among the valid
+        ("device=cpu engine.backend=ipex_llm low_bit=bf16 engine.dtype=float32", "engine.dtype", "bfloat16"),
         ("device=cpu engine.backend=vllm", "engine.backend", "transformers, ipex_llm"),
         ("device=cpu engine.dist_backend=nccl", "engine.dist_backend", "auto, gloo"),
         ("device=cuda engine.dist_backend=gloo", "engine.dist_backend", "auto, nccl"),
@@ -349,10 +388,6 @@ def test_dry_run_prints_the_xpu_plan_and_every_node() -> None:
 )
 def test_rule(compose_cfg, overrides: str, key: str, fragment: str) -> None:
     found = problems(compose_cfg, *overrides.split())
-    if "engine.backend=ipex_llm" in overrides:  # refused, for now; the rules beside it still hold
-        refused = [f for f in found if "not served by the pipeline worker yet" in str(f)]
-        assert len(refused) == 1 and refused[0].key == "engine.backend"
-        found = [f for f in found if f not in refused]
     assert found, overrides
     assert found[0].key == key, str(found[0])
     assert fragment in str(found[0]), str(found[0])
@@ -368,8 +403,8 @@ def test_other_nodes_are_rendered_in_a_dry_run(compose_cfg) -> None:
 
 def test_valid_configs_pass(compose_cfg) -> None:
     assert problems(compose_cfg, "device=cpu") == []
-    (refused,) = problems(compose_cfg, "device=xpu", "engine.backend=ipex_llm", "model=llama2_7b")
-    assert refused.key == "engine.backend" and "engine=lightweight engine.backend=ipex_llm" in str(refused)
+    for device in ("cpu", "xpu"):
+        assert problems(compose_cfg, f"device={device}", "engine.backend=ipex_llm", "model=llama2_7b") == []
     assert problems(compose_cfg, "device=cpu", "model=llama2_7b", "engine.layer_split=[20,12]") == []
 
 
@@ -448,10 +483,12 @@ def test_kv_cache_and_weights_per_stage(compose_cfg) -> None:
     one = pp_memory.estimate(run, {}, stages=1).stages[0].weights_bytes
     one_tied = pp_memory.estimate(tied_run, {}, stages=1).stages[0].weights_bytes
     assert one - one_tied == 32000 * 4096 * 2
-    # ipex-llm's quantized KV cache (IPEX_LLM_QUANTIZE_KV_CACHE=1, which the xpu plan sets): 1 byte a value.
+    # ipex_llm on xpu: the stages' own KV cache in float16 (dtype=auto there), 2 bytes a value, although the
+    # plan sets the seed's IPEX_LLM_QUANTIZE_KV_CACHE=1 (which only ipex-llm's own attention reads).
     ipex = resolved(compose_cfg, "device=xpu", "engine.backend=ipex_llm", "model=llama2_7b")
     env = get_engine("pp").environment(ipex)
-    assert pp_memory.estimate(ipex, env).stages[0].kv_bytes == 16 * 4 * 2 * 4096 * 32 * 128 * 2
+    assert env["IPEX_LLM_QUANTIZE_KV_CACHE"] == "1"
+    assert pp_memory.estimate(ipex, env).stages[0].kv_bytes == 16 * 4 * 2 * 4096 * 32 * 128 * 2 * 2
     # The bytes partition moves layers off the stages holding the embedding and the LM head.
     # Llama-3-8B: its 128256 x 4096 embedding weighs about 2.4 decoder layers (Llama-2's 32000 x 4096 less
     # than one, which moves nothing).
@@ -464,6 +501,30 @@ def test_kv_cache_and_weights_per_stage(compose_cfg) -> None:
     )
     split = [s.layers for s in pp_memory.estimate(by_bytes, {}).stages]
     assert sum(split) == 32 and split[0] < split[1] and split[-1] < split[2], split
+
+
+def test_ipex_llm_weights_are_counted_at_the_low_bit_width(compose_cfg) -> None:
+    def stages(*overrides: str) -> tuple[pp_memory.StageEstimate, ...]:
+        run = resolved(compose_cfg, "model=llama2_7b", *overrides)
+        est = pp_memory.estimate(run, get_engine("pp").environment(run))
+        assert est is not None
+        return est.stages
+
+    layer_matrices = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)  # q, k, v, o; gate, up, down
+    table, norms = 32000 * 4096, 32 * 2 * 4096 + 4096
+    # xpu (float16 activations): layers and LM head at sym_int4's 4.5 bits, embedding and norms at 16.
+    int4 = stages("device=xpu", "engine.backend=ipex_llm", "low_bit=sym_int4")
+    want = (layer_matrices + table) * 4.5 / 8 + (table + norms) * 2
+    assert abs(sum(s.weights_bytes for s in int4) - want) <= 2
+    fp16 = stages("device=xpu", "low_bit=fp16")
+    assert sum(s.weights_bytes for s in fp16) == 6_738_415_616 * 2
+    # sym_int8 (8.5 bits) weighs more than sym_int4 and less than fp16; the last stage holds the LM head.
+    int8 = stages("device=xpu", "engine.backend=ipex_llm", "low_bit=sym_int8")
+    assert int4[1].weights_bytes < int8[1].weights_bytes < fp16[1].weights_bytes
+    # cpu: float32 activations (dtype=auto), so the embedding, norms and KV cache take 4 bytes a value.
+    cpu = stages("device=cpu", "engine.backend=ipex_llm", "low_bit=sym_int4")
+    assert cpu[0].kv_bytes == 2 * int4[0].kv_bytes
+    assert cpu[0].weights_bytes - int4[0].weights_bytes == table * 2 + 16 * 2 * 4096 * 2
 
 
 def test_engine_is_registered() -> None:

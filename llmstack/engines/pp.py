@@ -35,8 +35,9 @@ from llmstack.workers.protocol import (
     PipelineOptions,
 )
 
-# start-pp_serving-service.sh: low_bit="fp8" (pipeline_serving.py's own default is sym_int4).
-IPEX_DEFAULT_LOW_BIT = "fp8"
+# The lightweight engine's, and pipeline_serving.py's own default; it runs on xpu and cpu.
+# start-pp_serving-service.sh sets low_bit="fp8" (xpu only): low_bit=fp8.
+IPEX_DEFAULT_LOW_BIT = "sym_int4"
 # dist_backend=auto: the device's collective library; on XPU oneCCL through torch's own xccl (torch >= 2.8
 # XPU builds), or through oneccl_bindings_for_pytorch (`ccl`), which ipex-llm's stack ships.
 AUTO_DIST_BACKEND = {"cpu": "gloo", "cuda": "nccl"}
@@ -56,7 +57,10 @@ XPU_ENV: tuple[tuple[str, str, str], ...] = (
     ),
     ("TORCH_LLM_ALLREDUCE", "0", "both scripts: export TORCH_LLM_ALLREDUCE=0"),
 )
-# Read by ipex-llm only, so set for engine.backend=ipex_llm only.
+# Read by ipex-llm only, so set for engine.backend=ipex_llm only. The stages' low-bit linears read
+# IPEX_LLM_LAST_LM_HEAD (at conversion), IPEX_LLM_LOW_MEM (the LM head's cache emptying on xpu) and
+# IPEX_LLM_NOT_USE_VLLM (at import); IPEX_LLM_QUANTIZE_KV_CACHE only ipex-llm's own attention reads: the
+# stages keep their KV cache in the activation dtype (pp_memory.py counts it so). Set as the seed sets them.
 IPEX_LLM_ENV: tuple[tuple[str, str, str], ...] = (
     ("IPEX_LLM_LAST_LM_HEAD", "1", "both scripts: export IPEX_LLM_LAST_LM_HEAD=1"),
     ("IPEX_LLM_QUANTIZE_KV_CACHE", "1", "both scripts: export IPEX_LLM_QUANTIZE_KV_CACHE=1 (fp8 KV cache)"),
@@ -83,7 +87,7 @@ class PipelineEngineConfig(EngineConfig):
     and the seed's values are documented in configs/engine/pp.yaml."""
 
     name: str = "pp"
-    # transformers (cpu, cuda, xpu; low_bit none/fp16/bf16) | ipex_llm (xpu: pipeline_parallel_stages)
+    # transformers (cpu, cuda, xpu; low_bit none/fp16/bf16) | ipex_llm (cpu, xpu; ipex-llm's low-bit formats)
     backend: str = "transformers"
     # Ranks (stages) in all; one device each on cuda/xpu.
     pipeline_parallel_size: int = 2
@@ -144,7 +148,7 @@ class PipelineEngine:
 
     def low_bit_problem(self, run: RunConfig, low_bit: LowBitConfig) -> str | None:
         # The same weights as the lightweight worker's backends: unquantized under transformers, ipex-llm's
-        # formats under ipex_llm (whose device rule is the backend's, in check()).
+        # formats (low_bit.ipex) on the devices ipex-llm runs them on (low_bit.ipex_devices) under ipex_llm.
         return LightweightEngine().low_bit_problem(run, low_bit)
 
     def check(self, run: RunConfig) -> list[ConfigError]:

@@ -8,11 +8,13 @@ and the KV cache of its layers for every micro-batch in flight:
   KV       = layers x max_num_seqs x micro-batches x max_model_len x KV heads x head_dim x 2 (K, V) x bytes
   budget   = device.memory_gib, one device per stage (cuda, xpu); on cpu a node's stages share the host
 
-Layer matrices take low_bit.bits_per_weight under ipex-llm and the dtype's width otherwise; the embedding,
-norms and LM head stay 16-bit (32 for dtype float32). The KV cache is 1 byte a value under ipex-llm with
-IPEX_LLM_QUANTIZE_KV_CACHE=1 (the seed's setting, which the plan sets), else the dtype's width. The KV cache
-is the worker's static per-slot cache, so it is required in full, not only reported. Activations and the
-runtime are not modelled: passing is necessary, not sufficient.
+Under engine.backend=ipex_llm the layer matrices and the LM head take low_bit.bits_per_weight (each rank
+converts them with ipex-llm: workers/pipeline/lowbit.py), otherwise the dtype's width; the embedding and the
+norms stay in the activation dtype: 16-bit, 32 for float32 (ipex_llm's dtype=auto: float32 on cpu, float16
+on xpu, as the worker picks it). The KV cache holds the activation dtype under either backend (the stages'
+own cache; IPEX_LLM_QUANTIZE_KV_CACHE is read by ipex-llm's attention only). The KV cache is the worker's
+static per-slot cache, so it is required in full, not only reported. Activations and the runtime are not
+modelled: passing is necessary, not sufficient.
 
 The `bytes` partition balances checkpoint parameter counts (every weight at one width), as the worker
 balances the checkpoint's tensors; the low-bit widths above only size the stages.
@@ -97,18 +99,18 @@ def kv_shape(est: PipelineEstimate) -> str:
 
 
 def kv_value_bytes(run: RunConfig, env: dict[str, str]) -> int:
-    e = run.engine
-    if e.backend == "ipex_llm" and env.get("IPEX_LLM_QUANTIZE_KV_CACHE") == "1":
-        return 1
     return 4 if _dtype(run) in FULL_PRECISION_DTYPES else 2
 
 
 def _dtype(run: RunConfig) -> str:
+    """The stages' activation dtype (auto: the checkpoint's, taken as 16-bit, under transformers)."""
     from llmstack.engines.lightweight import TRANSFORMERS_LOW_BITS
 
-    if run.engine.backend == "transformers":
-        return TRANSFORMERS_LOW_BITS.get(run.low_bit.name) or run.engine.dtype
-    return run.engine.dtype
+    # low_bit fp16/bf16 is the dtype under transformers, and what ipex-llm's FP16/BF16 linears compute in.
+    dtype = TRANSFORMERS_LOW_BITS.get(run.low_bit.name) or run.engine.dtype
+    if dtype == "auto" and run.engine.backend == "ipex_llm":
+        return "float32" if run.device.name == "cpu" else "float16"
+    return dtype
 
 
 def split_for(run: RunConfig, shape: Shape, stages: int) -> list[int]:
@@ -152,6 +154,8 @@ def estimate(
     other = full_bits / 8
     layer_bytes = params.linear / shape.layers * linear_bits / 8 + 2 * shape.hidden * other
     table = shape.vocab * shape.hidden * other
+    # The LM head is converted with the layers under ipex_llm (the embedding is not).
+    head = shape.vocab * shape.hidden * linear_bits / 8
     micro = e.micro_batches or stages
     seqs = max_num_seqs or e.max_num_seqs
     context = int(max_model_len or e.max_model_len or run.model.max_model_len)
@@ -164,7 +168,10 @@ def estimate(
             weights += table
         if stage == stages - 1:
             # A tied LM head is the embedding itself on a one-stage pipeline, a copy on the last stage.
-            weights += shape.hidden * other + (table if stages > 1 or not shape.tied else 0)
+            if e.backend == "ipex_llm":
+                weights += shape.hidden * other + head
+            else:
+                weights += shape.hidden * other + (table if stages > 1 or not shape.tied else 0)
         kv = layers * seqs * micro * context * per_token_layer
         estimates.append(StageEstimate(stage, start, layers, math.ceil(weights), kv))
     return PipelineEstimate(

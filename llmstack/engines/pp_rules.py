@@ -9,10 +9,18 @@ from collections.abc import Iterator
 
 from llmstack.config.schema import RunConfig
 from llmstack.errors import ConfigError
-from llmstack.workers.protocol import BACKENDS, DIST_BACKENDS, DTYPES, FUSED_MODEL_TYPES, PARTITIONS
+from llmstack.workers.protocol import (
+    BACKEND_DEVICES,
+    BACKENDS,
+    DIST_BACKENDS,
+    DTYPES,
+    FUSED_MODEL_TYPES,
+    PARTITIONS,
+)
 
-# ipex-llm's pipeline_parallel_stages imports oneccl_bindings_for_pytorch and places rank r on xpu:r.
-BACKEND_DEVICES = {"transformers": ("cpu", "cuda", "xpu"), "ipex_llm": ("xpu",)}
+# BACKEND_DEVICES (the worker's): under ipex_llm the stages' projections are ipex-llm's low-bit linears
+# (workers/pipeline/lowbit.py), whose kernels exist for Intel GPUs and CPUs (which formats where:
+# low_bit.ipex_devices, the engine's low_bit_problem); ipex-llm's own pipeline_parallel_stages was xpu-only.
 DIST_BACKEND_DEVICES = {"gloo": ("cpu",), "nccl": ("cuda",), "xccl": ("xpu",), "ccl": ("xpu",)}
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ENDPOINT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})$")
@@ -30,21 +38,10 @@ def config_problems(run: RunConfig) -> Iterator[ConfigError]:
             run.device.name,
             f"engine=pp's {e.backend} backend does not run there.",
             devices,
-            hint="ipex-llm's pipeline_parallel_stages is XPU-only (it imports oneccl_bindings_for_pytorch); "
-            "use engine.backend=transformers on cpu or cuda."
+            hint="ipex-llm's low-bit kernels run on Intel GPUs (xpu) and CPUs; on cuda use "
+            "engine.backend=transformers."
             if e.backend == "ipex_llm"
             else None,
-        )
-    if e.backend == "ipex_llm":
-        # The plan renders ipex-llm's setup (its environment, ccl), but the worker's stages run transformers
-        # weights only: refused here rather than by every rank after launch.
-        yield ConfigError(
-            "engine.backend",
-            e.backend,
-            "is not served by the pipeline worker yet: its stages run transformers weights (low_bit none, "
-            "fp16, bf16) with llmstack's fused layers. For ipex-llm's low-bit formats use "
-            "engine=lightweight engine.backend=ipex_llm (one device) or engine=vllm_ipex (several).",
-            ["transformers"],
         )
     yield from _range_problems(run)
     yield from _dtype_problems(run)
@@ -81,7 +78,8 @@ def _dtype_problems(run: RunConfig) -> Iterator[ConfigError]:
     if e.dtype not in DTYPES:
         yield ConfigError("engine.dtype", e.dtype, "is not a torch dtype the worker knows.", DTYPES)
         return
-    wanted = TRANSFORMERS_LOW_BITS.get(run.low_bit.name) if e.backend == "transformers" else None
+    # transformers: low_bit fp16/bf16 is the dtype; ipex_llm: its FP16Linear / BF16Linear compute in it.
+    wanted = TRANSFORMERS_LOW_BITS.get(run.low_bit.name)
     if wanted and e.dtype not in ("auto", wanted):
         yield ConfigError(
             "engine.dtype",
@@ -106,11 +104,11 @@ def _layer_problems(run: RunConfig) -> Iterator[ConfigError]:
     if e.partition not in PARTITIONS:
         yield ConfigError("engine.partition", e.partition, "is not a way to split the layers.", PARTITIONS)
     model_type = getattr(run.model.arch, "model_type", None)
-    if e.backend == "transformers" and model_type is not None and model_type not in FUSED_MODEL_TYPES:
+    if model_type is not None and model_type not in FUSED_MODEL_TYPES:
         yield ConfigError(
             "model",
             run.model.name,
-            f"is a {model_type} model; engine=pp's transformers backend runs llmstack's own decoder layers, "
+            f"is a {model_type} model; engine=pp runs llmstack's own decoder layers (under either backend), "
             "which exist for these model types only.",
             FUSED_MODEL_TYPES,
         )

@@ -133,11 +133,12 @@ def _start(options: PipelineOptions, publish: Callable[..., None]) -> tuple[Any,
     from llmstack.workers.backends.base import BackendInfo
     from llmstack.workers.backends.loader import load_tokenizer
     from llmstack.workers.detokenizer import decoders_for
-    from llmstack.workers.pipeline.ranks import eos_token_ids, join_pipeline, load_my_stage
+    from llmstack.workers.pipeline.ranks import eos_token_ids, gather_qtypes, join_pipeline, load_my_stage
     from llmstack.workers.pipeline.scheduler import PipelineScheduler
 
     stage, plan = load_my_stage(options, rank=0)
     link = join_pipeline(options, plan, rank=0, device=stage.device)
+    stage_qtypes = gather_qtypes(link, stage.w.qtypes) if options.backend == "ipex_llm" else None
     lanes, per_lane = plan.lanes, options.max_batch_size
     head = PipelineHead(stage, link, per_lane=per_lane, lanes=lanes, max_model_len=plan.max_model_len,
                         vocab_size=plan.vocab_size)  # fmt: skip
@@ -176,5 +177,10 @@ def _start(options: PipelineOptions, publish: Callable[..., None]) -> tuple[Any,
             "dist_backend": options.dist_backend,
         },
     )
+    if stage_qtypes is not None:
+        # The lightweight worker's key (the model's linears by format), and each stage's share of them.
+        names = dict.fromkeys(name for q in stage_qtypes for name in q)
+        info.extra["qtypes"] = {name: sum(q.get(name, 0) for q in stage_qtypes) for name in names}
+        info.extra["stage_qtypes"] = stage_qtypes
     facts = ModelFacts(head.max_batch_size, plan.max_model_len, eos, info, plan.vocab_size)
     return scheduler, facts

@@ -23,6 +23,9 @@ from typing import Any
 from llmstack.workers.partition import split_layers, stage_bounds
 from llmstack.workers.protocol import PipelineOptions, parse_layer_split
 
+# ipex-llm's formats whose linears compute in (and return) a half dtype: the stage's activations are that.
+IPEX_HALF_LOW_BITS = {"fp16": "float16", "bf16": "bfloat16"}
+
 logger = logging.getLogger("llmstack.workers.pipeline")
 
 # Seconds every rank may take to load its stage before the group gives up on the slowest.
@@ -103,8 +106,9 @@ def load_my_stage(options: PipelineOptions, rank: int) -> tuple[Any, StagePlan]:
     if world != options.pipeline_parallel_size:
         raise BackendError(f"--pipeline-parallel-size {options.pipeline_parallel_size} but torchrun started "
                            f"{world} ranks (WORLD_SIZE)")  # fmt: skip
-    if options.backend != "transformers":
-        raise BackendError(f"backend {options.backend}: the pipeline's stages run transformers checkpoints")
+    low_bit = options.low_bit if options.backend == "ipex_llm" else None
+    if options.backend == "ipex_llm" and not low_bit:
+        raise BackendError("backend ipex_llm needs --low-bit (e.g. sym_int4)")
     device = _device(options.device, local_rank)
     if device.type == "cpu":
         from llmstack.workers.backends.heap import keep_freed_memory
@@ -119,10 +123,20 @@ def load_my_stage(options: PipelineOptions, rank: int) -> tuple[Any, StagePlan]:
         plan = plan_stages(options, config, world, rank)
         start, stop = plan.bounds[rank]
         started = time.perf_counter()
+        dtype = _ipex_dtype(options.dtype, low_bit, device) if low_bit else dtype_of(config, options.dtype)
+        # ipex-llm quantizes on the CPU: the stage is loaded there, converted, then moved.
         weights = load_stage(
-            options.model, config, start, stop, first=rank == 0, last=rank == world - 1,
-            dtype=dtype_of(config, options.dtype), device=device, table_len=plan.max_model_len,
+            options.model, config, start, stop, first=rank == 0, last=rank == world - 1, dtype=dtype,
+            device=device if low_bit is None else torch.device("cpu"), table_len=plan.max_model_len,
         )  # fmt: skip
+        if low_bit is not None:
+            from llmstack.workers.pipeline.lowbit import quantize_stage
+
+            quantize_stage(weights, low_bit, config, device)
+            logger.info("rank %d: ipex-llm %s linears: %s", rank, low_bit,
+                        ", ".join(f"{n} {name}" for name, n in weights.qtypes.items()))  # fmt: skip
+    except ImportError as exc:
+        raise BackendError(f"backend ipex_llm: cannot import ipex_llm in this interpreter ({exc})") from exc
     except (StageLoadError, ValueError) as exc:
         raise BackendError(str(exc)) from exc
     stage = StageModel(weights, slots=plan.lanes * options.max_batch_size, max_model_len=plan.max_model_len)
@@ -147,6 +161,29 @@ def join_pipeline(options: PipelineOptions, plan: StagePlan, rank: int, device: 
         init_timeout_s=LOAD_TIMEOUT_S,
         max_seqs=plan.lanes * options.max_batch_size,
     )
+
+
+def gather_qtypes(link: Any, qtypes: dict[str, int]) -> list[dict[str, int]]:
+    """Every stage's low-bit formats (`StageWeights.qtypes`), on every rank: a collective, so every rank
+    calls it once after joining (engine.backend=ipex_llm only, which every rank knows from its flags)."""
+    if link.world == 1:
+        return [qtypes]
+    gathered: list[Any] = [None] * link.world
+    link.dist.all_gather_object(gathered, qtypes, group=link.control)
+    return gathered
+
+
+def _ipex_dtype(name: str, low_bit: str, device: Any) -> Any:
+    """The activations' dtype under ipex_llm, for dtype=auto as the lightweight worker's: float16 on Intel
+    GPUs (ipex-llm's serving), float32 on the CPU (its CPU kernels, and llmstack's attention kernel, want
+    float32); the dtype itself for low_bit fp16 and bf16 (ipex-llm's FP16Linear / BF16Linear return it)."""
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if low_bit in IPEX_HALF_LOW_BITS:
+        return getattr(torch, IPEX_HALF_LOW_BITS[low_bit])
+    return torch.float32 if device.type == "cpu" else torch.float16
 
 
 def _device(name: str, local_rank: int) -> Any:
@@ -201,6 +238,8 @@ def main(options: PipelineOptions, rank: int) -> int:
         logger.error("rank %d cannot serve %s: %s", rank, options.model, exc)
         return 2
     link = join_pipeline(options, plan, rank, stage.device)
+    if options.backend == "ipex_llm":
+        gather_qtypes(link, stage.w.qtypes)
     from llmstack.workers.pipeline.transport import PipelineBroken
 
     try:

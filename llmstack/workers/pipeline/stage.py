@@ -13,7 +13,9 @@ CPU in float32, attention runs in llmstack's C kernel, which takes exactly this 
 SDPA, per prompt for prefills and over a gathered batch for decodes. There the decodes' indices and mask are
 built once per step, not per layer, and their attention width is rounded up to a power of two (the mask hides
 the rest), and cuDNN's SDPA is left out: it plans a graph for every new shape (measured on an H200: 3.2 ms of
-CPU per call, 80 ms per step of a 24-layer model, when each decode step's width is new).
+CPU per call, 80 ms per step of a 24-layer model, when each decode step's width is new). Under
+engine.backend=ipex_llm the projections (and the LM head) are ipex-llm's low-bit linears (`lowbit.py`),
+called where the others call F.linear; everything else is the same.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from llmstack.workers.backends.layers import Layer, mlp, rms_norm
-from llmstack.workers.pipeline.weights import StageWeights
+from llmstack.workers.pipeline.weights import QuantizedLayer, StageWeights
 
 # Decode attention widths are rounded up to a power of two from this one (fewer distinct kernel shapes).
 MIN_DECODE_WIDTH = 64
@@ -92,8 +94,9 @@ class StageModel:
             for n in counts:
                 offsets.append(offsets[-1] + n)
             decodes = self._decodes(offsets, slots, starts, counts)
-        for layer, k_cache, v_cache in zip(w.layers, self.k_cache, self.v_cache, strict=True):
-            q, k_new, v_new = self._rotated_qkv(x, layer, cos, sin)
+        quantized = w.quantized or [None] * len(w.layers)
+        for layer, low, k_cache, v_cache in zip(w.layers, quantized, self.k_cache, self.v_cache, strict=True):
+            q, k_new, v_new = self._rotated_qkv(x, layer, low, cos, sin)
             if self._attention is not None:
                 attn = torch.empty(x.shape[0], w.num_heads, w.head_dim, dtype=self.dtype)
                 self._attention(q, k_new, v_new, attn, k_cache, v_cache, *meta, self._scaling)
@@ -101,22 +104,29 @@ class StageModel:
                 with _sdpa_without_cudnn():
                     attn = self._torch_attention(q, k_new, v_new, k_cache, v_cache, offsets, slots, starts,
                                                  counts, decodes)  # fmt: skip
-            x = x + F.linear(attn.reshape(x.shape[0], w.num_heads * w.head_dim), layer.w_o, layer.b_o)
-            x = x + mlp(rms_norm(x, layer.ln2, layer.ln2_eps), layer)
+            attn = attn.reshape(x.shape[0], w.num_heads * w.head_dim)
+            x = x + (F.linear(attn, layer.w_o, layer.b_o) if low is None else low.o(attn))
+            h = rms_norm(x, layer.ln2, layer.ln2_eps)
+            x = x + (mlp(h, layer) if low is None else _low_bit_mlp(h, layer, low))
         if not w.last:
             return x
-        assert w.norm is not None and w.lm_head is not None
+        assert w.norm is not None
         ends = torch.tensor(list(counts), dtype=torch.long, device=self.device).cumsum(0) - 1
         last = rms_norm(x.index_select(0, ends), w.norm, w.norm_eps)
+        if w.lm_head_module is not None:
+            # [sequences, 1, hidden]: ipex-llm's LM head keeps the last position of a 3-D input only.
+            return w.lm_head_module(last.unsqueeze(1)).squeeze(1).float()
+        assert w.lm_head is not None
         return F.linear(last, w.lm_head, w.lm_head_bias).float()
 
     def _rotated_qkv(
-        self, x: torch.Tensor, layer: Layer, cos: torch.Tensor, sin: torch.Tensor
+        self, x: torch.Tensor, layer: Layer, low: QuantizedLayer | None, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """As `FusedDecoderBackend._rotated_qkv`: [tokens, heads, dim], [tokens, kv_heads, dim] x 2."""
         w = self.w
         tokens, heads, kv_heads, dim = x.shape[0], w.num_heads, w.num_kv_heads, w.head_dim
-        qkv = F.linear(rms_norm(x, layer.ln1, layer.ln1_eps), layer.w_qkv, layer.b_qkv)
+        h = rms_norm(x, layer.ln1, layer.ln1_eps)
+        qkv = F.linear(h, layer.w_qkv, layer.b_qkv) if low is None else low.qkv(h)
         qk = qkv[:, : (heads + kv_heads) * dim].view(tokens, heads + kv_heads, dim)
         qk = qk * cos + qk.roll(self._half, -1) * sin
         v = qkv[:, (heads + kv_heads) * dim :].view(tokens, kv_heads, dim)
@@ -190,6 +200,13 @@ class StageModel:
             beyond, float("-inf")
         )
         return _Decodes(which, index, slot_t, pos, width, mask)
+
+
+def _low_bit_mlp(h: torch.Tensor, layer: Layer, low: QuantizedLayer) -> torch.Tensor:
+    """`layers.mlp` through the layer's low-bit modules."""
+    gate_up = low.gate_up(h)
+    gate, up = gate_up[..., : layer.intermediate], gate_up[..., layer.intermediate :]
+    return low.down(layer.act(gate) * up)
 
 
 def _sdpa_without_cudnn() -> contextlib.AbstractContextManager[None]:

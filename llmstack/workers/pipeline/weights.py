@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,17 @@ logger = logging.getLogger(__name__)
 
 class StageLoadError(Exception):
     """The checkpoint cannot be served as a pipeline (said as one line)."""
+
+
+@dataclass
+class QuantizedLayer:
+    """A layer's projections as modules (engine.backend=ipex_llm: ipex-llm's low-bit linears, `lowbit.py`),
+    called in place of F.linear on the Layer's tensors."""
+
+    qkv: Any
+    o: Any
+    gate_up: Any
+    down: Any
 
 
 @dataclass
@@ -51,13 +62,31 @@ class StageWeights:
     vocab_size: int
     dtype: torch.dtype
     device: torch.device
+    # Set by `lowbit.quantize_stage`: one per layer, the LM head's module, their bytes, and how many linears
+    # hold each format ({"sym_int4": 4}).
+    quantized: list[QuantizedLayer] | None = None
+    lm_head_module: Any = None
+    quantized_bytes: int = 0
+    qtypes: dict[str, int] = field(default_factory=dict)
 
     def parameter_bytes(self) -> int:
-        tensors = [self.embed, self.norm, self.lm_head, self.lm_head_bias]
-        for layer in self.layers:
-            tensors += [layer.ln1, layer.w_qkv, layer.b_qkv, layer.w_o, layer.b_o, layer.ln2,
-                        layer.w_gate_up, layer.b_gate_up, layer.w_down, layer.b_down]  # fmt: skip
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        tensors = [getattr(self, name) for name in _STAGE_PARAMETERS]
+        tensors += [getattr(layer, name) for layer in self.layers for name in _LAYER_TENSORS]
+        return self.quantized_bytes + sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def move_to(self, device: torch.device) -> None:
+        """Every tensor to `device` (ipex-llm converts a stage on the CPU, which is then moved)."""
+        for owner, names in [(self, (*_STAGE_PARAMETERS, "cos", "sin_signed"))] + [
+            (layer, _LAYER_TENSORS) for layer in self.layers
+        ]:
+            for name in names:
+                if (value := getattr(owner, name)) is not None:
+                    setattr(owner, name, value.to(device))
+        self.device = device
+
+
+_STAGE_PARAMETERS = ("embed", "norm", "lm_head", "lm_head_bias")
+_LAYER_TENSORS = ("ln1", "w_qkv", "b_qkv", "w_o", "b_o", "ln2", "w_gate_up", "b_gate_up", "w_down", "b_down")
 
 
 def load_config(model_dir: str, trust_remote_code: bool = False, max_model_len: int | None = None) -> Any:
@@ -135,7 +164,7 @@ def load_stage(
         norm = take("model.norm.weight")
         lm_head = take("lm_head.weight") if "lm_head.weight" in tensors else take("model.embed_tokens.weight")
         lm_head_bias = take("lm_head.bias") if "lm_head.bias" in tensors else None
-    cos, sin_signed = rotary_tables(_rotary_module(config, device), table_len, dtype, device)
+    cos, sin_signed = rotary_tables(_rotary_module(config, head_dim, device), table_len, dtype, device)
     return StageWeights(
         first=first, last=last, start=start, stop=stop, layers=layers,
         embed=take("model.embed_tokens.weight") if first else None,
@@ -180,14 +209,39 @@ def _layer(take: Any, tensors: dict[str, torch.Tensor], index: int, config: Any)
     )
 
 
-def _rotary_module(config: Any, device: torch.device) -> Any:
-    """The model's own rotary embedding module (so the cos/sin table is the one its forward would use)."""
+def _rotary_module(config: Any, head_dim: int, device: torch.device) -> Any:
+    """The model's own rotary embedding module (so the cos/sin table is the one its forward would use), as
+    `rotary_tables` calls it: (x, position_ids) -> cos, sin [1, positions, head_dim]."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     model_type = config.model_type
     module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
-    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type].removesuffix("ForCausalLM") + "RotaryEmbedding"
-    return getattr(module, name)(config=config).to(device)
+    prefix = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type].removesuffix("ForCausalLM")
+    cls = getattr(module, prefix + "RotaryEmbedding")
+    try:
+        return cls(config=config).to(device)
+    except TypeError:
+        return _LegacyRotary(module, prefix, config, head_dim, device)
+
+
+class _LegacyRotary:
+    """transformers < 4.45 (ipex-llm's 4.37): the rotary module takes (dim, max_position_embeddings, base)
+    and returns its tables for `seq_len` positions. Built as that version's attention builds it
+    (LlamaAttention._init_rope: linear scaling is Llama's own class; Mistral's and Qwen2's have none, and
+    the dynamic variants are refused by `unsupported_reason`)."""
+
+    def __init__(self, module: Any, prefix: str, config: Any, head_dim: int, device: torch.device) -> None:
+        args = (head_dim, int(config.max_position_embeddings), float(getattr(config, "rope_theta", 10000.0)))
+        scaling = getattr(config, "rope_scaling", None) or {}
+        linear = getattr(module, prefix + "LinearScalingRotaryEmbedding", None)
+        if scaling.get("type") == "linear" and linear is not None:
+            self.module = linear(*args, device=device, scaling_factor=float(scaling["factor"]))
+        else:
+            self.module = getattr(module, prefix + "RotaryEmbedding")(*args, device=device)
+
+    def __call__(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.module(x, seq_len=int(position_ids.shape[-1]))
+        return cos.unsqueeze(0), sin.unsqueeze(0)
 
 
 def _read(model_dir: Path, keep: Any) -> dict[str, torch.Tensor]:
