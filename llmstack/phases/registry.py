@@ -45,6 +45,7 @@ PHASES: LazyRegistry[ModuleType] = LazyRegistry(
         "online": "llmstack.phases.online",
         "multimodal": "llmstack.phases.multimodal",
         "rps": "llmstack.phases.rps",
+        "capacity": "llmstack.phases.capacity",
         "offline_throughput": "llmstack.phases.offline_throughput",
     }
 )
