@@ -24,6 +24,7 @@ PACKAGES = (
     "ipex-llm",
     "intel-extension-for-pytorch",
     "transformers",
+    "fschat",
     "oneccl_bind_pt",
     "oneccl",
     "oneccl-devel",

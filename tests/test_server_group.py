@@ -150,7 +150,9 @@ def test_a_member_that_cannot_start_stops_those_before_it(tmp_path: Path) -> Non
 def test_a_plan_of_members_renders_each_command_in_order() -> None:
     plan = group_plan()
     text = plan.shell_command()
-    assert [line.split(",")[0] for line in text.splitlines() if line.startswith("# ")] == [
+    head, *rest = text.splitlines()
+    assert head.startswith("# 3 processes, each in a shell of its own, in order")
+    assert [line.split(",")[0] for line in rest if line.startswith("# ")] == [
         "# 1/3 member-0",
         "# 2/3 member-1",
         "# 3/3 member-2",

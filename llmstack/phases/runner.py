@@ -267,8 +267,9 @@ def finish_level(
     if signal_stop:
         raise interrupts.interrupted(f"load level {level.label}")
     if engine_problem is not None:
+        log = f" (its log is {server.log_path})" if server.log_path else ""
         raise EngineError(
-            f"{ctx.plan.engine} failed during load level {level.label}: {engine_problem}; "
+            f"{ctx.plan.engine} failed during load level {level.label}: {engine_problem}{log}; "
             f"{summary['failed']} of {len(sent)} requests failed. The level's results were written, "
             "marked cut short",
             server.log_tail(),

@@ -34,6 +34,7 @@ _FINAL_STATUSES = {401: "it needs an API key (or another one)", 403: "the API ke
 class ExternalServer:
     # No process of ours: nothing to record, signal or wait for.
     pid = None
+    log_path = None
     log_error = None
     log_dropped_bytes = 0
 

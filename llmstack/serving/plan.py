@@ -68,11 +68,14 @@ class LaunchPlan:
         if self.external:
             return f"# nothing to start: the server at {self.probe.base_url} was started outside llmstack"
         if self.members:
-            return "\n".join(
-                f"# {i}/{len(self.members)} {m.engine}, ready when {m.probe.describe()}; log: {m.log_name}\n"
+            n = len(self.members)
+            sections = [
+                f"# {i}/{n} {m.engine}, ready when {m.probe.describe()}; log: {m.log_name}\n"
                 + m.shell_command(mask_secrets)
                 for i, m in enumerate(self.members, 1)
-            )
+            ]
+            head = f"# {n} processes, each in a shell of its own, in order, each once the previous is ready:"
+            return "\n".join([head, *sections])
         lines = [
             f"export {k}={shlex.quote(self._shown(k, v, mask_secrets))}" for k, v in sorted(self.env.items())
         ]
