@@ -17,7 +17,8 @@ Resolution rule: the bracket is resolved when `hi <= lo * (1 + resolution)` (int
 (b - lo) / b < (hi - lo) / lo <= resolution.
 
 Then a confirm probe at `lo` must pass again; one that fails (noise near the boundary) counts as a failure
-there, and the search narrows below it. Every probe counts against `max_probes`.
+there, and the search narrows below it (also when `lo` was the top of the range). Every probe counts
+against `max_probes`.
 """
 
 from __future__ import annotations
@@ -140,21 +141,21 @@ def search(probe: ProbeFunction, settings: SearchSettings) -> SearchResult:
             break
     if lo is None:
         return SearchResult(None, "below_range" if hi is not None else "unresolved", hi, probes)
-    if hi is None:
-        outcome = "at_least" if lo >= settings.high else "unresolved"
-        return SearchResult(lo, outcome, None, probes, _confirm(run, lo, settings, budget))
+    if hi is None and lo < settings.high:
+        return SearchResult(lo, "unresolved", None, probes)
     while True:
-        while not resolved(lo, hi, settings) and budget():
-            load = _next_load(lo, hi, probes, settings)
-            if run(load, "narrow").passed:
-                lo = load
-            else:
-                hi = load
-        if not resolved(lo, hi, settings):
-            return SearchResult(lo, "unresolved", hi, probes)
+        if hi is not None:
+            while not resolved(lo, hi, settings) and budget():
+                load = _next_load(lo, hi, probes, settings)
+                if run(load, "narrow").passed:
+                    lo = load
+                else:
+                    hi = load
+            if not resolved(lo, hi, settings):
+                return SearchResult(lo, "unresolved", hi, probes)
         confirmed = _confirm(run, lo, settings, budget)
         if confirmed is not False:
-            return SearchResult(lo, "found", hi, probes, confirmed)
+            return SearchResult(lo, "found" if hi is not None else "at_least", hi, probes, confirmed)
         # The capacity failed when probed again: a failure there; the next passing load below is the new lo.
         hi = lo
         below = [p.load for p in probes if p.verdict.passed and p.load < hi]
@@ -209,15 +210,12 @@ def _ratio_at(load: float, probes: Sequence[Probe], *, passed: bool) -> float | 
 def sweep_loads(settings: SearchSettings) -> list[float]:
     """The linear sweep at the same resolution over the same range: low, low*(1+resolution), ... up to high
     (integer loads: each whole number once), the grid whose first failure locates the boundary as well."""
-    loads: list[float] = []
-    value = settings.low
-    while value < settings.high * (1 + 1e-12):
-        load = _load(value, settings)
-        if not loads or load > loads[-1]:
-            loads.append(load)
-        value *= 1 + settings.resolution
-    if loads[-1] < settings.high:
-        loads.append(_load(settings.high, settings))
+    loads = [_load(settings.low, settings)]
+    while loads[-1] < settings.high:
+        step = loads[-1] * (1 + settings.resolution)
+        # Whole numbers: the next one the resolution rule still separates (never the same one twice).
+        step = float(max(loads[-1] + 1, math.floor(step))) if settings.integer else step
+        loads.append(min(step, _load(settings.high, settings)))
     return loads
 
 
