@@ -68,6 +68,7 @@ def quantize_stage(weights: StageWeights, low_bit: str, config: Any, device: tor
         assert weights.lm_head is not None
         root.lm_head = _linear(weights.lm_head, weights.lm_head_bias)
     # torch_dtype: the activation dtype, which linears left unquantized are given (ipex-llm's CPU path).
+    root.eval()  # ipex-llm keeps a linear's mode; inference, not training
     root = optimize_model(root, low_bit=low_bit, optimize_llm=False, torch_dtype=weights.dtype)
     root.to(device)
     root.requires_grad_(False)
