@@ -217,6 +217,9 @@ class CapacityPhase(OnlinePhase):
         warm_up(ctx, server, self.warmup_payloads, endpoint=self.endpoint, timeout_s=bench.timeout_s,
                 concurrency=max(1, min(len(self.warmup_payloads), first)))  # fmt: skip
         result = search(lambda load, role: self.probe(load, role, server), self.settings)
+        if not self.open_loop:  # whole requests in flight, written as such
+            result.capacity = None if result.capacity is None else int(result.capacity)
+            result.failed_above = None if result.failed_above is None else int(result.failed_above)
         ctx.summary["capacity"] = result.capacity
         ctx.summary["search"] = search_record(self, result)
         ctx.save()
@@ -250,8 +253,9 @@ class CapacityPhase(OnlinePhase):
         duration = summary.get("duration") or 0.0
         busy = (summary.get("mean_e2el_ms") or 0.0) / 1000 * (summary.get("completed") or 0)
         self.probes.append({
-            "label": label, "load": load, "role": role, "passed": verdict.passed,
-            "failed": list(verdict.failed), "ratio": verdict.ratio, "stopped_early": self.stop_reason,
+            "label": label, "load": load if self.open_loop else int(load), "role": role,
+            "passed": verdict.passed, "failed": list(verdict.failed), "ratio": verdict.ratio,
+            "stopped_early": self.stop_reason,
             "request_throughput": summary.get("request_throughput"),
             "output_throughput": summary.get("output_throughput"),
             # Little's law over the window: requests in flight at the server, on average.
