@@ -102,7 +102,7 @@ def test_closed_loop_finds_the_stub_slots(tmp_path: Path) -> None:
     with stub_server(model) as stub:
         bench, where = capacity_run(
             stub.url, tmp_path, "benchmark.load=concurrency", "benchmark.concurrency=[1,64]",
-            "benchmark.num_prompts=36", "benchmark.slo.p99_ttft_ms=100",
+            "benchmark.duration_s=null", "benchmark.num_prompts=36", "benchmark.slo.p99_ttft_ms=100",
         )  # fmt: skip
         assert stub.most_waiting >= 1  # probes above 6 in flight queued at the stub
     # One request more than the slots and one in seven waits a whole service time (120 ms > 100 ms).

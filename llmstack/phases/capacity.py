@@ -49,6 +49,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 LOAD_CHOICES = ("request_rate", "concurrency")
+# A closed-loop probe of num_prompts requests sends at least this many per client.
+CLOSED_LOOP_ROUNDS = 4
 
 
 @dataclass
@@ -87,7 +89,7 @@ class CapacityBenchmarkConfig(OnlineBenchmarkConfig):
     # bisect (geometric midpoint) | fit (where the worst SLO ratio, fitted in log-log, crosses 1)
     method: str = "bisect"
     max_probes: int = 20
-    # Requests per probe (with duration_s: the prompt pool).
+    # Requests per probe (closed loop: at least 4 per client; with duration_s: the prompt pool).
     num_prompts: int = 60
     # The first requests of every probe, sent at its load but not measured (the queue fills up).
     probe_warmup_requests: int = 0
@@ -285,6 +287,9 @@ class CapacityPhase(OnlinePhase):
         count = bench.num_prompts
         if bench.duration_s is not None:
             count = max(1, math.ceil(level.request_rate * bench.duration_s))
+        elif level.closed:
+            # Every client sends a few: with fewer requests than clients the load is one burst, never C.
+            count = max(count, CLOSED_LOOP_ROUNDS * int(level.concurrency or 1))
         count += warm
         payloads = [self.payloads[i % len(self.payloads)] for i in range(count)]
         input_lens = [self.input_lens[i % len(self.input_lens)] for i in range(count)]

@@ -68,6 +68,8 @@ def _slo_texts(phase: CapacityPhase) -> list[str]:
 def _settings(phase: CapacityPhase) -> dict[str, Any]:
     b, s = phase.bench, phase.settings
     per_probe = f"{b.duration_s:g} s" if b.duration_s is not None else f"{b.num_prompts} requests"
+    if b.duration_s is None and not phase.open_loop:
+        per_probe += " (at least 4 per client)"
     return {
         "range": [s.low, s.high], "growth": s.growth, "resolution": s.resolution, "method": s.method,
         "per_probe": per_probe, "probe_warmup_requests": b.probe_warmup_requests,
