@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from llmstack.workers.pipeline.weights import QuantizedLayer, StageWeights
+from llmstack.workers.pipeline.weights import QuantizedLayer, StageLoadError, StageWeights
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +34,13 @@ def import_ipex_llm() -> Any:
     installed vLLM would otherwise switch ipex-llm's conversion to vLLM's modules, convert.py
     is_vllm_available) and without transformers' deprecation warnings that its import triggers."""
     os.environ.setdefault("IPEX_LLM_NOT_USE_VLLM", "True")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", UserWarning)
-        from ipex_llm import optimize_model
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            from ipex_llm import optimize_model
+    except ImportError as exc:
+        raise StageLoadError(f"backend ipex_llm: cannot import ipex_llm in this interpreter ({exc})") from exc
     return optimize_model
 
 

@@ -135,8 +135,6 @@ def load_my_stage(options: PipelineOptions, rank: int) -> tuple[Any, StagePlan]:
             quantize_stage(weights, low_bit, config, device)
             logger.info("rank %d: ipex-llm %s linears: %s", rank, low_bit,
                         ", ".join(f"{n} {name}" for name, n in weights.qtypes.items()))  # fmt: skip
-    except ImportError as exc:
-        raise BackendError(f"backend ipex_llm: cannot import ipex_llm in this interpreter ({exc})") from exc
     except (StageLoadError, ValueError) as exc:
         raise BackendError(str(exc)) from exc
     stage = StageModel(weights, slots=plan.lanes * options.max_batch_size, max_model_len=plan.max_model_len)
