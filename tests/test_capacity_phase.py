@@ -119,6 +119,7 @@ def test_a_noisy_stub_still_converges(tmp_path: Path) -> None:
         bench, where = capacity_run(
             stub.url, tmp_path, "benchmark.request_rate=[8,128]", "benchmark.burstiness=inf",
             "benchmark.duration_s=1.5", "benchmark.slo.p90_ttft_ms=100", "benchmark.method=fit",
+            "benchmark.probe_warmup_requests=4",
         )  # fmt: skip
     search = bench["search"]
     assert search["outcome"] == "found" and search["confirmed"] is True
@@ -126,6 +127,22 @@ def test_a_noisy_stub_still_converges(tmp_path: Path) -> None:
     assert boundary * 0.75 <= bench["capacity"] <= boundary * 1.05, (bench["capacity"], boundary)
     assert search["probe_count"] <= 14
     check_report(bench, where)
+    # Each probe sent its 4 warm-up requests first, on its schedule, and measured the rest: 8 req/s x 1.5 s.
+    first = json.loads((where / "bench-p01-r8" / "result.json").read_text())
+    assert first["num_prompts"] == first["completed"] == 12
+    assert first["duration"] == pytest.approx(1.5, abs=0.3)
+
+
+def test_a_probe_without_its_warm_up_requests() -> None:
+    from llmstack.bench.loadgen import LoadResult
+    from llmstack.bench.records import RequestRecord
+    from llmstack.phases.capacity import _without_first
+
+    records = [RequestRecord(index=i, scheduled_at=10.0 + i, sent_at=10.1 + i) for i in range(6)]
+    result = LoadResult(records, start=10.0, end=20.0, concurrency=None, request_rate=1.0, burstiness=1.0)
+    kept = _without_first(result, 2)
+    assert [r.index for r in kept.records] == [2, 3, 4, 5] and (kept.start, kept.end) == (12.0, 20.0)
+    assert _without_first(result, 0) is result
 
 
 @pytest.mark.parametrize(
