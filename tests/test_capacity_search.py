@@ -115,6 +115,11 @@ def test_a_failing_confirm_narrows_below_it() -> None:
     assert result.capacity < first_confirm and result.failed_above <= first_confirm
 
 
+def test_a_small_growth_still_grows_whole_numbers() -> None:
+    result = search(threshold(5), SearchSettings(low=1, high=64, growth=1.2, integer=True))
+    assert [p.load for p in result.probes] == [1, 2, 3, 4, 5, 6, 5]
+
+
 def test_outcomes_at_the_ends_of_the_range_and_out_of_probes() -> None:
     below = search(threshold(0.5), SearchSettings(low=1, high=64))
     assert (below.capacity, below.outcome, len(below.probes)) == (None, "below_range", 1)

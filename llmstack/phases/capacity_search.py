@@ -135,7 +135,8 @@ def search(probe: ProbeFunction, settings: SearchSettings) -> SearchResult:
             lo = load
             if load >= settings.high:
                 break
-            load = _load(min(load * settings.growth, settings.high), settings)
+            grown = _load(min(load * settings.growth, settings.high), settings)
+            load = max(grown, load + 1) if settings.integer else grown  # 1 x 1.2 is still 1 whole request
         else:
             hi = load
             break
