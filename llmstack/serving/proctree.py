@@ -78,11 +78,15 @@ def engine_members(root: int | None, mark: str | None) -> set[Member]:
 
 
 def signal_all(members: Iterable[Member], sig: signal.Signals, group: int | None = None) -> None:
-    """Send `sig` to the group and to each member that is still the process we knew."""
+    """Send `sig` once to each process: to the group, then to each member outside it that is still the
+    process we knew. (Twice would be a second Ctrl-C to some programs, and re-enters a handler that is
+    still running.)"""
     if group is not None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(group, sig)
     for m in members:
+        if group is not None and _pgid(m.pid) == group:
+            continue  # the group's signal reached it
         if m.alive():
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(m.pid, sig)
