@@ -218,6 +218,11 @@ def finish_level(
     troubled = result.stopped or not all(r.success for r in result.records)
     if server is not None and troubled and not signal_stop:
         engine_problem = server.health_problem()
+        if engine_problem is not None:
+            # An engine whose process died may still be going down and saying why (torchrun names the rank
+            # that failed first): let it, then take its last words.
+            server.settle()
+            engine_problem = server.health_problem() or engine_problem
     sent = [r for r in result.records if r.error != NOT_SENT]
     measured = dataclasses.replace(result, records=sent)
     summary = summarize_load(measured, count_tokens=count_tokens, goodput_slos=slos, percentiles=percentiles)

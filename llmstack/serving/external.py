@@ -56,6 +56,9 @@ class ExternalServer:
     def stop(self) -> None:
         """Nothing: llmstack did not start this server, so it leaves it running."""
 
+    def settle(self) -> None:
+        """Nothing to wait for: no process of ours."""
+
     def alive(self) -> bool:
         return True  # there is no process to look at; health_problem asks the server itself
 

@@ -135,6 +135,10 @@ class ServerGroup:
         self._blamed = member
         return f"{member.plan.engine}: {problem}"
 
+    def settle(self) -> None:
+        if self._blamed is not None:
+            self._blamed.settle()
+
     def check_healthy(self, when: str) -> None:
         if self.health_problem() is None:
             return

@@ -192,12 +192,17 @@ class ServerProcess:
             return f"{probe.method} {probe.health_path} answered {status}"
         return None
 
+    def settle(self) -> None:
+        """After a problem: give an engine whose process died its moment to go down by itself, and the log
+        its last words."""
+        self._await_own_exit()
+        self._settle_log()
+
     def check_healthy(self, when: str) -> None:
         """EngineError (exit 3) with the reason and the log's last lines if the engine is not healthy."""
         problem = self.health_problem()
         if problem is not None:
-            self._await_own_exit()
-            self._settle_log()
+            self.settle()
             raise EngineError(
                 f"{self.plan.engine} is not healthy {when}: {problem}; its log is {self.log_path}",
                 self.log_tail(),
