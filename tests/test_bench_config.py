@@ -16,6 +16,7 @@ from llmstack.config.resolve import resolve, to_run_config
 from llmstack.config.schema import BenchmarkConfig
 from llmstack.devices import Inventory
 from llmstack.errors import ConfigError
+from llmstack.phases.capacity import CapacityBenchmarkConfig
 from llmstack.phases.multimodal import MultimodalBenchmarkConfig
 from llmstack.phases.offline_throughput import OfflineThroughputConfig
 from llmstack.phases.online import OnlineBenchmarkConfig
@@ -31,6 +32,7 @@ PHASE_OF_OPTION = {
     "multimodal": MultimodalBenchmarkConfig,
     "rps": RpsBenchmarkConfig,
     "offline_throughput": OfflineThroughputConfig,
+    "capacity": CapacityBenchmarkConfig,
 }
 
 

@@ -26,7 +26,7 @@ from llmstack.serving.plan import LaunchPlan, ReadyProbe
 # Where a key comes from when engine.api_key is null, first found wins (OpenAI's clients read the last).
 API_KEY_ENVS = ("LLMSTACK_API_KEY", "OPENAI_API_KEY")
 # Phases that measure a server over HTTP; offline_throughput runs an engine in-process instead.
-HTTP_BENCHMARKS = ("smoke", "online", "multimodal", "rps")
+HTTP_BENCHMARKS = ("smoke", "online", "multimodal", "rps", "capacity")
 
 
 @dataclass
