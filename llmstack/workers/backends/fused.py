@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from llmstack.workers.backends.base import BackendInfo
-from llmstack.workers.backends.layers import Layer, SlotDecoder, mlp, rms_norm
+from llmstack.workers.backends.layers import Layer, SlotDecoder, linear, mlp, pack_linears, rms_norm
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,10 @@ class FusedDecoderBackend(SlotDecoder):
         if self._attention is not None:
             self._ones = torch.ones(max_batch_size, dtype=torch.long)
         info.extra["attention"] = "llmstack-cpu" if self._attention is not None else "torch-sdpa"
+        info.extra["linear"] = "onednn-packed" if pack_linears(self.layers) else "torch"
+        if info.extra["linear"] != "torch":  # the model's own o/down projections are copies now
+            for layer in model.model.layers:
+                layer.self_attn.o_proj = layer.mlp.down_proj = None
 
     # -- the Backend contract ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -175,7 +179,7 @@ class FusedDecoderBackend(SlotDecoder):
         projection, [tokens, heads, dim], [tokens, kv_heads, dim], [tokens, kv_heads, dim]."""
         tokens = x.shape[0]
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = F.linear(rms_norm(x, layer.ln1, layer.ln1_eps), layer.w_qkv, layer.b_qkv)
+        qkv = linear(rms_norm(x, layer.ln1, layer.ln1_eps), layer.w_qkv, layer.b_qkv)
         qk = qkv[:, : (heads + kv_heads) * dim].view(tokens, heads + kv_heads, dim)
         qk = qk * cos + qk.roll(self._half, -1) * sin
         v = qkv[:, (heads + kv_heads) * dim :].view(tokens, kv_heads, dim)
@@ -183,5 +187,5 @@ class FusedDecoderBackend(SlotDecoder):
 
     def _rest_of_layer(self, x: torch.Tensor, attn: torch.Tensor, layer: Layer) -> torch.Tensor:
         """Output projection of the attention ([tokens, heads, dim]) and the MLP, each with its residual."""
-        x = x + F.linear(attn.reshape(x.shape[0], self.num_heads * self.head_dim), layer.w_o, layer.b_o)
+        x = x + linear(attn.reshape(x.shape[0], self.num_heads * self.head_dim), layer.w_o, layer.b_o)
         return x + mlp(rms_norm(x, layer.ln2, layer.ln2_eps), layer)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llmstack.workers.backends.layers import Layer, mlp, rms_norm
+from llmstack.workers.backends.layers import Layer, linear, mlp, pack_linears, rms_norm
 from llmstack.workers.pipeline.weights import QuantizedLayer, StageWeights
 
 # Decode attention widths are rounded up to a power of two from this one (fewer distinct kernel shapes).
@@ -67,6 +67,8 @@ class StageModel:
 
             self._attention = cache_attention()
         self.attention = "llmstack-cpu" if self._attention is not None else "torch-sdpa"
+        # ipex-llm's low-bit stages run its own linears.
+        self.linear = "onednn-packed" if not weights.quantized and pack_linears(weights.layers) else "torch"
 
     @property
     def first(self) -> bool:
@@ -105,7 +107,7 @@ class StageModel:
                     attn = self._torch_attention(q, k_new, v_new, k_cache, v_cache, offsets, slots, starts,
                                                  counts, decodes)  # fmt: skip
             attn = attn.reshape(x.shape[0], w.num_heads * w.head_dim)
-            x = x + (F.linear(attn, layer.w_o, layer.b_o) if low is None else low.o(attn))
+            x = x + (linear(attn, layer.w_o, layer.b_o) if low is None else low.o(attn))
             h = rms_norm(x, layer.ln2, layer.ln2_eps)
             x = x + (mlp(h, layer) if low is None else _low_bit_mlp(h, layer, low))
         if not w.last:
@@ -126,7 +128,7 @@ class StageModel:
         w = self.w
         tokens, heads, kv_heads, dim = x.shape[0], w.num_heads, w.num_kv_heads, w.head_dim
         h = rms_norm(x, layer.ln1, layer.ln1_eps)
-        qkv = F.linear(h, layer.w_qkv, layer.b_qkv) if low is None else low.qkv(h)
+        qkv = linear(h, layer.w_qkv, layer.b_qkv) if low is None else low.qkv(h)
         qk = qkv[:, : (heads + kv_heads) * dim].view(tokens, heads + kv_heads, dim)
         qk = qk * cos + qk.roll(self._half, -1) * sin
         v = qkv[:, (heads + kv_heads) * dim :].view(tokens, kv_heads, dim)
