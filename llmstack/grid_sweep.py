@@ -4,6 +4,12 @@ job list (grid.json) and report at the end, one exit status.
 The sweeper (hydra_plugins/llmstack_sweeper) calls plan_sweep() with every job's overrides, then start(),
 launches the runnable jobs, then finish(). Checking composes, resolves, validates and plans each job with
 nothing started: a bad combination is found before hours of the jobs ahead of it, and all of them at once.
+
+A grid whose every job is `benchmark=capacity` is a server-settings search: a combination that validation
+or the memory fit refuses (an llmstack ConfigError, not a mistyped command) is pruned instead: counted and
+named with its reason (grid.json's `pruned`, the report's first lines), never launched, and no failure of
+the grid. Its report is the capacity table, the Pareto plot and the best setting as a profile
+(llmstack.report.capacity).
 """
 
 from __future__ import annotations
@@ -41,6 +47,17 @@ class PlannedJob:
     overrides: list[str]
     name: str
     error: str | None = None  # why it cannot run, one paragraph
+    refused: bool = False  # the error is validation's (a ConfigError): in a settings search, pruned
+    capacity: bool | None = None  # benchmark=capacity (None: the job did not compose)
+    devices: int | None = None  # EngineConfig.devices_needed(), once resolved
+
+
+@dataclass
+class JobCheck:
+    error: str | None = None
+    refused: bool = False
+    capacity: bool | None = None
+    devices: int | None = None
 
 
 @dataclass
@@ -51,8 +68,23 @@ class SweepPlan:
     started_at: float = field(default_factory=time.time)
 
     @property
+    def search(self) -> bool:
+        """A server-settings search: every job that composes is a capacity search."""
+        kinds = {job.capacity for job in self.jobs} - {None}
+        return kinds == {True}
+
+    @property
+    def pruned(self) -> list[PlannedJob]:
+        """A search's settings that validation refused: left out, not failed (none while nothing else runs:
+        then the command itself is wrong)."""
+        if not self.search or not self.runnable:
+            return []
+        return [job for job in self.jobs if job.error is not None and job.refused]
+
+    @property
     def invalid(self) -> list[PlannedJob]:
-        return [job for job in self.jobs if job.error is not None]
+        pruned = {id(job) for job in self.pruned}
+        return [job for job in self.jobs if job.error is not None and id(job) not in pruned]
 
     @property
     def runnable(self) -> list[PlannedJob]:
@@ -81,17 +113,19 @@ def plan_sweep(
     last_status = None
     dry_run = bool(OmegaConf.select(config, "dry_run", default=False))
     host_checks = not dry_run and any(name in launcher_target for name in _LOCAL_LAUNCHERS)
-    planned = [
-        PlannedJob(overrides, job_dir_name(overrides), check_job(overrides, compose, host_checks))
-        for overrides in jobs
-    ]
+    planned = []
+    for overrides in jobs:
+        checked = check_job(overrides, compose, host_checks)
+        planned.append(PlannedJob(overrides, job_dir_name(overrides), checked.error, checked.refused,
+                                  checked.capacity, checked.devices))  # fmt: skip
     return SweepPlan(grid_directory(config, jobs), dry_run, planned)
 
 
 def check_job(
     overrides: list[str], compose: Callable[[list[str]], DictConfig], host_checks: bool
-) -> str | None:
-    """Why this job cannot run (one paragraph), or None. Starts nothing, writes nothing, prints nothing."""
+) -> JobCheck:
+    """Why this job cannot run (one paragraph; refused: by validation), whether it is a capacity search, the
+    devices it uses. Starts nothing, writes nothing, prints nothing."""
     from hydra.errors import HydraException
 
     from llmstack.config import CONFIG_DIR
@@ -100,21 +134,24 @@ def check_job(
     from llmstack.errors import LlmstackError, describe_unexpected
     from llmstack.validation import validate
 
+    check = JobCheck()
     try:
         cfg = _task_config(compose(list(overrides)))
+        check.capacity = OmegaConf.select(cfg, "benchmark.phase", default=None) == "capacity"
         run = resolve(to_run_config(cfg), CONFIG_DIR)
+        check.devices = run.engine.devices_needed()
         validate(run, CONFIG_DIR, host_checks=host_checks)
         get_engine(run.engine.name).plan(run)
     except LlmstackError as exc:
-        return str(exc)
+        check.error, check.refused = str(exc), True
     except HydraException as exc:
         from llmstack.config.hydra_errors import describe
 
         error = describe(exc, overrides, CONFIG_DIR)
-        return str(error) if error is not None else " ".join(str(exc).split())
+        check.error = str(error) if error is not None else " ".join(str(exc).split())
     except Exception as exc:  # a job that would fail the same way when it ran
-        return describe_unexpected(exc)
-    return None
+        check.error = describe_unexpected(exc)
+    return check
 
 
 def _task_config(cfg: DictConfig) -> DictConfig:
@@ -159,6 +196,13 @@ def start(plan: SweepPlan, config: DictConfig, keep_going: bool) -> bool:
         shown = " ".join(mask_override(o) for o in job.overrides)
         error = scrub(str(job.error), secret_values(job.overrides))
         print(f"llmstack: grid job {shown}: {error}", file=sys.stderr)
+    for job in plan.pruned:
+        shown = " ".join(mask_override(o) for o in job.overrides)
+        error = scrub(str(job.error), secret_values(job.overrides))
+        print(f"llmstack: grid job {shown}: pruned, never launched: {error}", file=sys.stderr)
+    if plan.pruned:
+        print(f"llmstack: {len(plan.pruned)} of {len(plan.jobs)} settings pruned before the search (refused "
+              f"by validation); {len(plan.runnable)} to search", file=sys.stderr)  # fmt: skip
     if plan.invalid and not keep_going:
         print(
             f"llmstack: {len(plan.invalid)} of {len(plan.jobs)} grid jobs are invalid, so none was started "
@@ -173,11 +217,19 @@ def start(plan: SweepPlan, config: DictConfig, keep_going: bool) -> bool:
 
     plan.directory.mkdir(parents=True, exist_ok=True)
     write_text_atomic(plan.directory / "multirun.yaml", OmegaConf.to_yaml(masked_sweep_config(config)))
-    jobs = [{"name": job.name, "overrides": [mask_override(o) for o in job.overrides]} for job in plan.jobs]
-    listing = {"jobs": jobs, "varied": varied_keys([job.overrides for job in plan.jobs])}
+    jobs = [
+        {"name": job.name, "overrides": [mask_override(o) for o in job.overrides], "devices": job.devices}
+        for job in plan.jobs
+    ]
+    listing: dict[str, object] = {"jobs": jobs, "varied": varied_keys([job.overrides for job in plan.jobs])}
+    if plan.search:
+        secrets = {job.name: secret_values(job.overrides) for job in plan.pruned}
+        listing["search"] = "capacity"
+        listing["pruned"] = {job.name: scrub(str(job.error), secrets[job.name]) for job in plan.pruned}
     write_text_atomic(plan.directory / "grid.json", json.dumps(listing, indent=2) + "\n")
+    invalid = {id(job) for job in plan.invalid}  # pruned settings get nothing: they never start
     for index, job in enumerate(plan.jobs):
-        if job.error is not None:
+        if id(job) in invalid:
             job_dir = plan.directory / job.name
             write_failure(job_dir, GridJob(job.name, job.overrides, index, plan.directory), "validate",
                           InvalidJob(job.error))  # fmt: skip
@@ -202,6 +254,10 @@ def finish(plan: SweepPlan) -> None:
     except Exception:  # the report must never hide the grid's own outcome
         logger.exception("could not build the report of %s", plan.directory)
         return
+    if plan.search:
+        from llmstack.report.capacity import announce
+
+        announce(plan.directory)
     logger.info("grid done: %d of %d jobs failed; report: %s", failed, len(plan.jobs),
                 ", ".join(str(p) for p in written))  # fmt: skip
 

@@ -1,4 +1,5 @@
-"""A results directory's report: summary.csv, summary.md and the plots."""
+"""A results directory's report: summary.csv, summary.md and the plots; for a capacity search
+(llmstack.report.capacity) its capacity table, pareto.png and profile/best.yaml."""
 
 from __future__ import annotations
 
@@ -19,4 +20,9 @@ def build_report(experiment_dir: Path, jobs: list[str] | None = None) -> list[Pa
         write_text_atomic(experiment_dir / "summary.md", to_markdown(rows, f"# {experiment_dir.name}\n\n")),
     ]
     written += plot(rows, experiment_dir)
+    from llmstack.report.capacity import load_search, write
+
+    search = load_search(experiment_dir, jobs)
+    if search is not None:  # a server-settings search: its capacity table replaces the per-probe one
+        written = [p for p in written if p.name != "summary.md"] + write(search)
     return written
