@@ -138,6 +138,8 @@ def one_direct(port: int) -> float:
 
 
 def main() -> int:
+    # SIGTERM (timeout, kill) as an exit, so that the finally: blocks stop the servers this started.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the raw figures here")

@@ -293,6 +293,8 @@ def cores(f: dict[str, dict[str, Any]]) -> str:
 
 
 def main() -> int:
+    # SIGTERM (timeout, kill) as an exit, so that the finally: blocks stop the servers this started.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -343,6 +343,8 @@ def bench(
 
 # -- the run ------------------------------------------------------------------------------------------------
 def main() -> int:
+    # SIGTERM (timeout, kill) as an exit, so that the finally: blocks stop the servers this started.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
