@@ -239,7 +239,14 @@ def start(plan: SweepPlan, config: DictConfig, keep_going: bool) -> bool:
 def finish(plan: SweepPlan) -> None:
     """The report of exactly this grid's jobs, and the exit status: SOME_JOBS_FAILED with the count."""
     global last_status
-    failed = len(plan.invalid) + (0 if plan.dry_run else sum(_failed_now(plan, job) for job in plan.runnable))
+    failed_jobs = [] if plan.dry_run else [job for job in plan.runnable if _failed_now(plan, job)]
+    # A search's setting refused by its own validation (where the plan could not tell yet: the model's
+    # shape unknown before the first job generated it) is pruned too: it never launched.
+    refused = [job for job in failed_jobs if plan.search and refused_at_start(plan.directory / job.name)]
+    if refused:
+        print(f"llmstack: {len(refused)} more settings pruned at their start (refused by validation, never "
+              "launched)", file=sys.stderr)  # fmt: skip
+    failed = len(plan.invalid) + len(failed_jobs) - len(refused)
     if failed:
         where = "dry run: nothing written" if plan.dry_run else f"see their failure.json in {plan.directory}"
         print(f"llmstack: {failed} of {len(plan.jobs)} grid jobs failed ({where}); "
@@ -260,6 +267,15 @@ def finish(plan: SweepPlan) -> None:
         announce(plan.directory)
     logger.info("grid done: %d of %d jobs failed; report: %s", failed, len(plan.jobs),
                 ", ".join(str(p) for p in written))  # fmt: skip
+
+
+def refused_at_start(job_dir: Path) -> bool:
+    """The job's failure.json says its config was refused before anything started."""
+    try:
+        failure = json.loads((job_dir / "failure.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return failure.get("phase") == "validate" and failure.get("error_type") == "ConfigError"
 
 
 def _failed_now(plan: SweepPlan, job: PlannedJob) -> bool:

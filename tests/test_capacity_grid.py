@@ -26,8 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 NO_DEFAULT_SLOS = ("benchmark.slo.p99_ttft_ms=null", "benchmark.slo.p99_tpot_ms=null")
 
 
-def llmstack(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def llmstack(*args: str, timeout: float = 300, **extra_env: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("LLMSTACK_API_KEY", "OPENAI_API_KEY")}
+    env.update(extra_env)
     return subprocess.run([sys.executable, "-m", "llmstack", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=ROOT)  # fmt: skip
 
@@ -85,7 +86,7 @@ def test_a_settings_search_prunes_what_cannot_fit_and_writes_the_best_as_a_profi
     assert lines[4].startswith(
         f"Profile: {grid / 'profile' / 'best.yaml'}; serve with it: python -m llmstack"
     )
-    assert lines[5] == (f"Took 2 jobs (2 ok) and {probes} probes; 2 of 4 settings pruned before the search "
+    assert lines[5] == (f"Took 2 jobs (2 ok) and {probes} probes; 2 of 4 settings pruned "
                         "(refused by validation, never launched).")  # fmt: skip
     table = [line for line in lines if line.startswith("| ")]
     assert table[0].startswith("| engine.max_num_seqs | engine.max_model_len | status | capacity")
@@ -123,6 +124,22 @@ def test_a_settings_search_prunes_what_cannot_fit_and_writes_the_best_as_a_profi
     assert (grid / "summary.md").read_text().splitlines()[:6] == lines[:6]
 
 
+def test_settings_refused_at_their_start_are_pruned_too(tmp_path: Path) -> None:
+    # A cache without the tiny model: its shape is unknown when the grid checks the jobs, so the memory fit
+    # refuses max_model_len=1024 only at each job's own start, after the first job generated the model.
+    done = llmstack(*search_args(tmp_path), LLMSTACK_CACHE=str(tmp_path / "cache"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "settings pruned before the search" not in done.stderr
+    assert "2 more settings pruned at their start (refused by validation, never launched)" in done.stderr
+    grid = tmp_path / "results" / "search"
+    lines = (grid / "summary.md").read_text().splitlines()
+    assert lines[5].endswith("2 of 4 settings pruned (refused by validation, never launched).")
+    assert lines[5].startswith("Took 2 jobs (2 ok) and ")
+    assert sum("| pruned |" in line and "at its start: Invalid config: engine.max_model_len=1024" in line
+               for line in lines) == 2  # fmt: skip
+    assert "max_num_seqs: 4  # tuned" in (grid / "profile" / "best.yaml").read_text()
+
+
 def test_a_search_whose_every_setting_is_refused_starts_nothing(tmp_path: Path) -> None:
     args = [a if not a.startswith("engine.max_model_len=") else "engine.max_model_len=1024,2048"
             for a in search_args(tmp_path)]  # fmt: skip
@@ -155,9 +172,12 @@ def test_lightweight_batch_sizes_the_larger_wins_and_is_the_profile(tmp_path: Pa
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert wait_no_processes(mark, timeout=10) == []
     grid = tmp_path / "batch"
-    found = {name.split("engine.max_batch_size=")[1].split(",")[0]: s["benchmark"]["capacity"]
-             for name, s in summaries(grid).items()}  # fmt: skip
-    assert found == {"2": 2, "4": 4}, found
+    listing = json.loads((grid / "grid.json").read_text())
+    batch = {
+        job["name"]: next(o for o in job["overrides"] if "max_batch_size" in o) for job in listing["jobs"]
+    }
+    found = {batch[name]: s["benchmark"]["capacity"] for name, s in summaries(grid).items()}
+    assert found == {"engine.max_batch_size=2": 2, "engine.max_batch_size=4": 4}, found
     lines = (grid / "summary.md").read_text().splitlines()
     assert lines[0].startswith("# Capacity search batch: 4 requests in flight per device with "
                                "engine.max_batch_size=4 ")  # fmt: skip

@@ -55,7 +55,7 @@ def headline(search: Search) -> list[str]:
         )
     lines.append(
         f"Took {len(ran)} jobs ({counts or 'none'}) and {search.probe_count} probes; {len(search.pruned)} of "
-        f"{len(search.jobs)} settings pruned before the search (refused by validation, never launched)."
+        f"{len(search.jobs)} settings pruned (refused by validation, never launched)."
     )
     return lines
 

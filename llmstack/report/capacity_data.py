@@ -100,7 +100,10 @@ def load_search(experiment_dir: Path, names: list[str] | None = None) -> Search 
         else:
             failure = read_json(experiment_dir / name / "failure.json")
             job.summary = read_json(experiment_dir / name / "summary.json") or {}
-            if failure is not None:
+            if failure is not None and failure.get("phase") == "validate" and \
+                    failure.get("error_type") == "ConfigError":  # fmt: skip
+                job.status, job.reason = "pruned", f"at its start: {failure.get('error', '')}"
+            elif failure is not None:
                 job.status, job.reason = "failed", str(failure.get("error", ""))
             elif job.summary.get("status") == "ok":
                 job.status = "ok"
