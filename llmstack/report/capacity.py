@@ -33,7 +33,7 @@ def headline(search: Search) -> list[str]:
         lines = [f"{title}: no setting met the SLOs ({LOOPS[search.load]})", ""]
     else:
         lines = [
-            f"{title}: {best.per_device:.4g} {unit} per device with {search.setting_text(best)} "
+            f"{title}: {num(best.per_device)} {unit} per device with {search.setting_text(best)} "
             f"({LOOPS[search.load]})",
             "",
         ]
@@ -41,13 +41,13 @@ def headline(search: Search) -> list[str]:
     if best is not None:
         summary = best.summary
         tokens = (
-            f"; {best.tokens_per_device:.4g} output tokens/s per device there"
+            f"; {num(best.tokens_per_device)} output tokens/s per device there"
             if best.tokens_per_device
             else ""
         )
         what = ", ".join(f"{k} {summary.get(k)}" for k in ("model", "engine", "low_bit", "device"))
         lines.append(
-            f"Best setting: {search.setting_text(best)}: capacity {best.capacity:.4g} {unit} on "
+            f"Best setting: {search.setting_text(best)}: capacity {num(best.capacity)} {unit} on "
             f"{best.devices} device(s){tokens} ({what}; outcome {best.search.get('outcome')})."
         )
         lines.append(

@@ -126,4 +126,7 @@ def serve_command(search: Search) -> str:
 
 
 def num(value: float | None) -> str:
-    return "-" if value is None or not math.isfinite(value) else f"{value:.4g}"
+    """4 significant digits; whole numbers from 10 000 up (17180, not 1.718e+04)."""
+    if value is None or not math.isfinite(value):
+        return "-"
+    return f"{value:.0f}" if abs(value) >= 10_000 else f"{value:.4g}"

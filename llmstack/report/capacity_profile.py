@@ -40,7 +40,7 @@ def write_profile(search: Search) -> Path:
 
 def profile_text(search: Search) -> str:
     from llmstack.config.secrets import is_secret_override
-    from llmstack.report.capacity_data import LOOPS, UNITS, serve_command, slo_text
+    from llmstack.report.capacity_data import LOOPS, UNITS, num, serve_command, slo_text
 
     best = search.best
     assert best is not None
@@ -54,7 +54,7 @@ def profile_text(search: Search) -> str:
     lines = [
         "# @package _global_",
         f"# The best server setting of the capacity search {where}, written by llmstack.report:",
-        f"# {best.per_device:.4g} {unit} per device ({best.capacity:.4g} on {best.devices} device(s), "
+        f"# {num(best.per_device)} {unit} per device ({num(best.capacity)} on {best.devices} device(s), "
         f"{LOOPS[search.load]}) under the SLOs {slo_text(search)};",
         f"# model={model}, measured {date} on {device}; {len(search.jobs) - len(search.pruned)} jobs, "
         f"{search.probe_count} probes, {len(search.pruned)} settings pruned (refused by validation).",
@@ -80,6 +80,13 @@ def profile_text(search: Search) -> str:
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = (_value(raw), _comment(search, best, key, provenance))
+    if not any(choice.startswith("  - override /device:") for choice in choices):
+        # device=auto picked it: the profile names the device its numbers were measured on.
+        name = (_read_yaml(search.directory / best.name / "config.yaml").get("device") or {}).get("name")
+        if name:
+            choices.append(
+                f"  - override /device: {name}  # the device the search ran on (device=auto found it)"
+            )
     if choices:
         lines += ["defaults:", *choices]
     lines += ["", *_emit(tree, 0)] if tree else []
@@ -89,7 +96,7 @@ def profile_text(search: Search) -> str:
 def _comment(search: Search, best: SearchJob, key: str, provenance: str) -> str:
     if key not in search.varied:
         return "  # as every job of the search ran (not tuned)"
-    from llmstack.report.capacity_data import num as _num
+    from llmstack.report.capacity_data import num
 
     by_value: dict[str, list[SearchJob]] = {}
     for job in search.jobs:
@@ -98,9 +105,9 @@ def _comment(search: Search, best: SearchJob, key: str, provenance: str) -> str:
     for value, jobs in by_value.items():
         found = [j.per_device for j in jobs if j.per_device is not None]
         statuses = sorted({j.status for j in jobs})
-        tried.append(f"{value} -> {_num(max(found)) if found else '/'.join(statuses)}")
-    return (f"  # tuned: capacity {best.capacity:.4g} ({best.per_device:.4g} per device); best per device at "
-            f"each value tried: {', '.join(tried)}; {provenance}")  # fmt: skip
+        tried.append(f"{value} -> {num(max(found)) if found else '/'.join(statuses)}")
+    return (f"  # tuned: capacity {num(best.capacity)} ({num(best.per_device)} per device); best per device "
+            f"at each value tried: {', '.join(tried)}; {provenance}")  # fmt: skip
 
 
 def device_text(job_dir: Path) -> str:
