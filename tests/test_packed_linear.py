@@ -2,7 +2,7 @@
 F.linear to float32 rounding, only the matrices wide enough to gain, off with LLMSTACK_CPU_KERNELS=0, and a
 model wide enough to be packed decodes greedily token for token as transformers' `generate` does.
 
-The default tiny model (128 wide) is not packed: its tests keep F.linear. A 256-wide one is built here.
+The default tiny model (128 wide) is not packed: its tests keep F.linear. A 384-wide one is built here.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from llmstack.workers.protocol import WorkerOptions  # noqa: E402
 from llmstack.workers.sampling import SamplingParams  # noqa: E402
 from tests.test_lightweight_scheduler import generate, prompt, run  # noqa: E402
 
-WIDE = Shape(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+WIDE = Shape(hidden_size=384, intermediate_size=768, num_hidden_layers=2, num_attention_heads=6,
              num_key_value_heads=2)  # fmt: skip
 
 

@@ -3,7 +3,7 @@
 Both attention paths (llmstack's C kernel, and torch's SDPA, which the stages use off float32 CPU: on GPUs)
 over the packed steps the pipeline sends: prompts whole or in chunks at any start, decodes past the first
 rounded decode width, a prefill and decodes in one step, sequences in any slots. Also on a model wide enough
-for oneDNN's packed linears (256), which both the stages and the fused decoder then use.
+for oneDNN's packed linears (384), which both the stages and the fused decoder then use.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from llmstack.workers.pipeline.weights import load_config, load_stage  # noqa: E
 
 MAX_LEN = 256
 TOLERANCE = 1e-5
-SHAPES = {"tiny": Shape(), "wide": Shape(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+SHAPES = {"tiny": Shape(), "wide": Shape(hidden_size=384, intermediate_size=768, num_attention_heads=6,
                                          num_key_value_heads=2)}  # fmt: skip
 
 
@@ -60,7 +60,7 @@ def reference(model_path: str):
 @pytest.mark.parametrize("kernel", [True, False], ids=["c-kernel", "torch-sdpa"])
 def test_two_stages_give_the_fused_decoders_logits(reference, model_path: str, kernel: bool) -> None:
     step, stage = pipeline(kernel, model_path)
-    packed = "onednn-packed" if "-h256-" in model_path else "torch"  # the default tiny model is too narrow
+    packed = "onednn-packed" if "-h384-" in model_path else "torch"  # the default tiny model is too narrow
     assert stage.linear == reference.info().extra["linear"] == packed
     first, second = list(range(5, 45)), [1, 7, 3]
     for seq_id in (0, 1):

@@ -255,8 +255,9 @@ def pack_linears(layers: Sequence[Layer]) -> bool:
 
 
 _PACK_ROWS_HINT = 16
-# Measured (one thread): at 64 wide F.linear is faster up to 16 rows, at 128 even, at 256 packed is 2x.
-_PACK_MIN_WIDTH = 256
+# benchmarks/cpu_linear.py (one thread): 128 wide, F.linear is faster up to 8 rows; 256, packed is 1.6-2.3x
+# from 8 rows but 0.67x at 1; from 384 packed wins at every row count (1.5x at 1 row, 2.2x at 8).
+_PACK_MIN_WIDTH = 384
 
 
 def _bias(linear: Any) -> torch.Tensor | None:
