@@ -190,3 +190,110 @@ def test_lightweight_batch_sizes_the_larger_wins_and_is_the_profile(tmp_path: Pa
     assert dry.returncode == 0, dry.stderr[-3000:]
     assert "--max-batch-size 4" in dry.stdout
     assert (grid / "pareto.png").stat().st_size > 1000
+
+
+def test_which_settings_are_pruned() -> None:
+    from llmstack.grid_sweep import PlannedJob, SweepPlan
+
+    def plan(*jobs: PlannedJob) -> SweepPlan:
+        return SweepPlan(Path("/nonexistent"), False, list(jobs))
+
+    ok = PlannedJob(["a=1"], "a=1", capacity=True, devices=1)
+    refused = PlannedJob(["a=2"], "a=2", "Invalid config: a=2: too big.", refused=True, capacity=True)
+    typo = PlannedJob(["a=x"], "a=x", "Could not override 'a'", refused=False, capacity=None)
+    searched = plan(ok, refused)
+    assert (
+        searched.search
+        and searched.pruned == [refused]
+        and searched.invalid == []
+        and searched.runnable == [ok]
+    )
+    # A command error (Hydra's, not validation's) is invalid as in any grid.
+    assert plan(ok, refused, typo).invalid == [typo] and plan(ok, refused, typo).pruned == [refused]
+    # Nothing left to search: the command is wrong, every refused job is invalid.
+    assert plan(refused).pruned == [] and plan(refused).invalid == [refused]
+    # Not a capacity search: refused jobs are invalid jobs.
+    smoke = [PlannedJob(j.overrides, j.name, j.error, j.refused, False, j.devices) for j in (ok, refused)]
+    assert not plan(*smoke).search and plan(*smoke).invalid == [smoke[1]]
+
+
+def _job(grid: Path, name: str, capacity: float | None, outcome: str, probes: list[dict]) -> None:
+    (grid / name).mkdir(parents=True)
+    search = {"outcome": outcome, "load": "request_rate", "capacity": capacity, "slo": ["p99_ttft_ms <= 500"],
+              "probe_count": len(probes), "probes": probes,
+              "output_throughput": probes[-1]["output_throughput"] if probes else None}  # fmt: skip
+    summary = {"status": "ok", "model": "llama3_8b", "engine": "vllm-upstream", "low_bit": "fp8",
+               "device": "xpu", "started_at": "2026-12-01T10:00:00+0000",
+               "benchmark": {"capacity": capacity, "load": "request_rate", "search": search}}  # fmt: skip
+    (grid / name / "summary.json").write_text(json.dumps(summary))
+    (grid / name / "config.yaml").write_text("device:\n  name: xpu\n  count: 2\n  product: B60\n")
+
+
+def test_capacity_per_device_ranks_the_settings(tmp_path: Path) -> None:
+    from llmstack.report import build_report
+
+    grid = tmp_path / "tp"
+    probe = {
+        "label": "p01-r4",
+        "load": 4.0,
+        "passed": True,
+        "output_throughput": 400.0,
+        "mean_in_flight": 8.0,
+    }
+    over = {**probe, "label": "p02-r8", "load": 8.0, "passed": False, "output_throughput": 500.0}
+    _job(grid, "tp1", 6.0, "found", [probe, over])
+    _job(grid, "tp2", 10.0, "at_least", [{**probe, "output_throughput": 900.0}])
+    (grid / "tp4").mkdir()
+    (grid / "tp4" / "failure.json").write_text(json.dumps({"phase": "run", "error": "engine died"}))
+    jobs = [{"name": f"tp{n}", "overrides": ["profile=arc_pro_b60x4", f"engine.tensor_parallel_size={n}",
+                                            "engine.port=0", "benchmark=capacity"], "devices": n}
+            for n in (1, 2, 4, 8)]  # fmt: skip
+    listing = {
+        "jobs": jobs,
+        "varied": ["engine.tensor_parallel_size"],
+        "search": "capacity",
+        "pruned": {"tp8": "Invalid config: engine.tensor_parallel_size=8: more than device.count=4."},
+    }
+    (grid / "grid.json").write_text(json.dumps(listing))
+    build_report(grid)
+    lines = (grid / "summary.md").read_text().splitlines()
+    # 6 req/s on one card beats 10 on two.
+    assert lines[0] == ("# Capacity search tp: 6 requests/s per device with engine.tensor_parallel_size=1 "
+                        "(open loop, benchmark.request_rate)")  # fmt: skip
+    assert lines[2] == "Under the SLOs p99_ttft_ms <= 500 (latencies in ms; no request may fail)."
+    assert lines[5] == ("Took 3 jobs (2 ok, 1 failed) and 3 probes; 1 of 4 settings pruned (refused by "
+                        "validation, never launched).")  # fmt: skip
+    rows = [line for line in lines if line.startswith("| ")][1:]
+    assert [row.split(" | ")[:4] for row in rows] == [
+        ["| 1", "ok", "6", "1"], ["| 2", "ok", "10", "2"], ["| 4", "failed", "-", "4"],
+        ["| 8", "pruned", "-", "8"],
+    ]  # fmt: skip
+    assert "| 5 | 450 |" in rows[1] and "engine died" in rows[2] and "more than device.count=4" in rows[3]
+    assert (grid / "pareto.png").stat().st_size > 1000
+    profile = (grid / "profile" / "best.yaml").read_text()
+    assert ("  tensor_parallel_size: 1  # tuned: capacity 6 (6 per device); best per device at each value "
+            "tried: 1 -> 6, 2 -> 5, 4 -> failed, 8 -> pruned; search tp, 2026-12-01, device=xpu x2 (B60), "
+            "model=llama3_8b, SLOs p99_ttft_ms <= 500") in profile  # fmt: skip
+    assert "port" not in profile.split("defaults:")[1]
+    # The profile the jobs ran with comes first, then this one's values on top.
+    assert profile.split("defaults:\n")[1].startswith(
+        "  - /profile/arc_pro_b60x4@_here_  # the jobs' (not tuned)"
+    )
+    dry = llmstack("--config-dir", str(grid), "profile=best", "model=llama3_8b", "dry_run=true")
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert "--tensor-parallel-size 1" in dry.stdout and "device=xpu" in dry.stdout
+
+
+def test_a_search_whose_best_passed_the_top_of_its_range_says_at_least(tmp_path: Path) -> None:
+    from llmstack.report import build_report
+
+    grid = tmp_path / "g"
+    _job(grid, "a", 64.0, "at_least", [{"label": "p01-r64", "load": 64.0, "passed": True,
+                                         "output_throughput": 10.0, "mean_in_flight": 2.0}])  # fmt: skip
+    listing = {"jobs": [{"name": "a", "overrides": ["engine.max_num_seqs=8"], "devices": 1}],
+               "varied": [], "search": "capacity", "pruned": {}}  # fmt: skip
+    (grid / "grid.json").write_text(json.dumps(listing))
+    build_report(grid)
+    assert (
+        (grid / "summary.md").read_text().startswith("# Capacity search g: at least 64 requests/s per device")
+    )

@@ -22,18 +22,25 @@ from llmstack.report.rows import _cell
 __all__ = ["announce", "headline", "load_search", "markdown", "write"]
 
 
+_ORDER = {"ok": 0, "failed": 1}
+
+
 def headline(search: Search) -> list[str]:
     """summary.md's first lines: the capacity, the SLOs, the settings, the jobs and probes it took."""
     unit, best = UNITS[search.load], search.best
     ran = [j for j in search.jobs if j.status != "pruned"]
-    counts = ", ".join(f"{sum(j.status == s for j in ran)} {s}" for s in ("ok", "failed", "not run")
-                       if any(j.status == s for j in ran))  # fmt: skip
+    statuses = [j.status for j in ran]
+    counts = ", ".join(
+        f"{statuses.count(s)} {s}" for s in dict.fromkeys(sorted(statuses, key=lambda s: _ORDER.get(s, 2)))
+    )
     title = f"# Capacity search {search.directory.name}"
     if best is None:
         lines = [f"{title}: no setting met the SLOs ({LOOPS[search.load]})", ""]
     else:
+        # The top of the range passed: the capacity is a lower bound (benchmark.<load>'s highest).
+        bound = "at least " if best.search.get("outcome") == "at_least" else ""
         lines = [
-            f"{title}: {num(best.per_device)} {unit} per device with {search.setting_text(best)} "
+            f"{title}: {bound}{num(best.per_device)} {unit} per device with {search.setting_text(best)} "
             f"({LOOPS[search.load]})",
             "",
         ]

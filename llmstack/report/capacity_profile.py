@@ -9,8 +9,8 @@ its search path:
     python -m llmstack --config-dir <grid> profile=best model=<model>
 
 (or copy it into configs/profile/<name>.yaml and use profile=<name>). Only server settings go in: the
-engine's, the device's and the low_bit's keys and group choices; never the benchmark, the model, ports or
-secrets.
+engine's, the device's and the low_bit's keys and group choices, and the profile the jobs ran with (included
+as `/profile/<name>@_here_`); never the benchmark, the model, ports or secrets.
 """
 
 from __future__ import annotations
@@ -72,6 +72,13 @@ def profile_text(search: Search) -> str:
         if key in GROUPS:
             comment = _comment(search, best, key, provenance)
             choices.append(f"  - override /{key}: {raw}{comment}")
+            continue
+        if key == "profile" and raw not in ("null", ""):
+            # The profile the jobs ran with, included first: this one's values go on top of its values.
+            comment = _comment(search, best, key, provenance).replace(
+                "as every job of the search ran", "the jobs'"
+            )
+            choices.insert(0, f"  - /profile/{raw}@_here_{comment}")
             continue
         if key.split(".")[0] not in GROUPS or key in _LEFT_OUT or key.endswith("_port"):
             continue

@@ -39,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for path in build_report(args.experiment):
         print(f"wrote {path}")
-    print(to_markdown(rows))
+    from llmstack.report.capacity import load_search, markdown
+
+    search = load_search(args.experiment)  # a settings search: its capacity table, as its summary.md
+    print(markdown(search) if search is not None else to_markdown(rows))
     return 0
 
 
