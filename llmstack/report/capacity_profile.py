@@ -65,7 +65,7 @@ def profile_text(search: Search) -> str:
     choices: list[str] = []
     tree: dict[str, Any] = {}
     for override in best.overrides:
-        if is_secret_override(override):
+        if is_secret_override(override) or override.startswith("~"):  # a deletion sets nothing to write
             continue
         raw_key, _, raw = override.partition("=")
         key = raw_key.lstrip("+~")
