@@ -179,3 +179,16 @@ def test_fastchats_own_model_worker_serves(tmp_path: Path, cache_env: dict[str, 
         assert result["completed"] == 16 and result["failed"] == 0, result
         assert "fastchat.serve.model_worker" in (launch.run_dir / "command.sh").read_text()
         assert_all_stopped(launch)
+
+
+def test_a_launcher_killed_outright_leaves_none_of_the_three(
+    tmp_path: Path, cache_env: dict[str, str]
+) -> None:
+    """SIGKILL to the launcher: each process's guardian stops it (nothing can run llmstack's teardown)."""
+    with Launch(tmp_path, *FASTCHAT, "benchmark=none", env=cache_env) as launch:
+        launch.wait_for_phase("serving", 300)
+        launch.proc.kill()
+        launch.proc.wait(10)
+        launch.assert_nothing_left(timeout=60)
+        for port in ports(launch):
+            assert port_is_free(port), f"port {port} is still bound"

@@ -159,3 +159,18 @@ def test_a_plan_of_members_renders_each_command_in_order() -> None:
     ]
     assert "ready when GET http://127.0.0.1:" in text and "log: member-1.log" in text
     assert [m["engine"] for m in plan.to_dict()["members"]] == ["member-0", "member-1", "member-2"]
+
+
+def test_a_stop_signal_while_a_later_member_loads_stops_those_started(tmp_path: Path) -> None:
+    from llmstack import interrupts
+    from llmstack.errors import Interrupted
+
+    plan = group_plan(delays=(0.0, 30.0, 0.0))
+    with interrupts.captured():
+        threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGINT)).start()  # while the second loads
+        started = time.monotonic()
+        with pytest.raises(Interrupted), supervise(plan, lambda name: tmp_path / name) as group:
+            group.wait_ready()
+    assert time.monotonic() - started < 20
+    assert group._started == 2  # the third never started
+    assert_all_gone(group)
