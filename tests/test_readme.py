@@ -169,21 +169,34 @@ def test_first_five_minutes_shows_what_a_run_prints() -> None:
 
 @pytest.mark.integration
 def test_readme_report_commands_run_on_the_results_they_name(tmp_path: Path) -> None:
-    """README's report examples, on what the commands before them make: the checked-in grid and two single
-    runs (engine=lightweight, so that this takes seconds, not minutes); `<date>`, `<run>`, `<run_a>` and
-    `<run_b>` stand for the directories a user has."""
+    """README's report examples, on what the commands before them make: the checked-in grid, two single
+    runs and the settings search (engine=lightweight, so that this takes seconds, not minutes); `<date>`,
+    `<run>`, `<run_a>` and `<run_b>` stand for the directories a user has."""
     reports = [c for c in COMMANDS if c.startswith("python -m llmstack.report ")]
     assert len(reports) >= 3, reports
     make = [
         ["-m", "+experiment=low_bit_comparison", "benchmark.num_prompts=4", "benchmark.concurrency=1,4"],
         ["run_name=run_a", "benchmark=smoke"],
         ["run_name=run_b", "benchmark=smoke"],
+        # README's settings search, capped (two batch sizes, 1 s probes): the grid its report command names.
+        [
+            "-m",
+            "model=tiny",
+            "engine.max_batch_size=2,4",
+            "benchmark=capacity",
+            "benchmark.load=concurrency",
+            "benchmark.concurrency=[1,8]",
+            "benchmark.duration_s=1",
+            "benchmark.slo.p90_ttft_ms=100",
+            "experiment_name=capacity_batch",
+        ],
     ]
     for overrides in make:
         argv = [sys.executable, "-m", "llmstack", *overrides, "engine=lightweight", "engine.port=0"]
         out = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, f"{overrides}\n{out.stderr[-3000:]}"
-    (day,) = [p.name for p in (tmp_path / "results").iterdir() if p.name != "low_bit_comparison"]
+    named = ("low_bit_comparison", "capacity_batch")
+    (day,) = [p.name for p in (tmp_path / "results").iterdir() if p.name not in named]
     names = {"<date>": day, "<run>": "run_a", "<run_a>": "run_a", "<run_b>": "run_b"}
     for command in reports:
         for placeholder, name in names.items():
