@@ -27,6 +27,7 @@ from llmstack.engines.base import (
     source_first_pythonpath,
     with_server_defaults,
 )
+from llmstack.engines.lightweight import TRANSFORMERS_LOW_BITS, ipex_device_problem
 from llmstack.errors import ConfigError
 from llmstack.serving.plan import LaunchPlan, ReadyProbe
 
@@ -64,8 +65,9 @@ WORKERS = {
 # FastChat 0.2.36's vllm_worker drives vLLM's V0 engine (`AsyncLLMEngine(...).engine.tokenizer`); vLLM's V1
 # engine, alone since 0.11, has no `.engine` (checked with vLLM 0.32: the worker dies at start).
 VLLM_V1_ONLY = (0, 11)
-# FastChat's model_worker and vllm_worker serve unquantized weights: low_bit picks the dtype.
-DTYPE_LOW_BITS = {"none": None, "fp16": "float16", "bf16": "bfloat16"}
+# FastChat's model_worker and vllm_worker serve unquantized weights: low_bit picks the dtype, as for the
+# lightweight worker's transformers backend.
+DTYPE_LOW_BITS = TRANSFORMERS_LOW_BITS
 DISPATCH_METHODS = ("shortest_queue", "lottery")
 # ipex-llm's FastChat worker defaults to --low-bit sym_int4.
 IPEX_DEFAULT_LOW_BIT = "sym_int4"
@@ -117,11 +119,7 @@ class FastChatEngine:
             return f"FastChat's {e.worker} serves unquantized weights only (none, fp16, bf16)."
         if low_bit.ipex is None:
             return "ipex-llm's FastChat worker loads weights in one of ipex-llm's formats (its --low-bit)."
-        if run.device.name not in low_bit.ipex_devices:
-            where = ", ".join(low_bit.ipex_devices) or "no device"
-            reason = f"ipex-llm runs {low_bit.name} only on {where}"
-            return f"{reason} ({low_bit.note.rstrip('.')})." if low_bit.note else reason + "."
-        return None
+        return ipex_device_problem(low_bit, run.device.name)
 
     def check(self, run: RunConfig) -> list[ConfigError]:
         e: FastChatEngineConfig = run.engine

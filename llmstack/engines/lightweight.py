@@ -106,6 +106,15 @@ def worker_fields(run: RunConfig) -> dict[str, Any]:
     }
 
 
+def ipex_device_problem(low_bit: LowBitConfig, device: str) -> str | None:
+    """Why ipex-llm cannot run one of its formats on `device` (the format's note says why), or None."""
+    if device in low_bit.ipex_devices:
+        return None
+    where = ", ".join(low_bit.ipex_devices) or "no device"
+    reason = f"ipex-llm runs {low_bit.name} only on {where}"
+    return f"{reason} ({low_bit.note.rstrip('.')})." if low_bit.note else reason + "."
+
+
 class LightweightEngine:
     name = "lightweight"
     launches = True
@@ -124,11 +133,7 @@ class LightweightEngine:
                     "engine.backend=ipex_llm loads weights through ipex-llm's load_in_low_bit and needs one "
                     "of its formats; engine.backend=transformers serves unconverted weights."
                 )
-            if device not in low_bit.ipex_devices:
-                where = ", ".join(low_bit.ipex_devices) or "no device"
-                reason = f"ipex-llm runs {low_bit.name} only on {where}"
-                return f"{reason} ({low_bit.note.rstrip('.')})." if low_bit.note else reason + "."
-            return None
+            return ipex_device_problem(low_bit, device)
         if low_bit.name in TRANSFORMERS_LOW_BITS:
             return None
         if low_bit.ipex is not None:

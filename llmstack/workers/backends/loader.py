@@ -64,7 +64,7 @@ def load(options: WorkerOptions) -> LoadedModel:
         module_types=_module_types(model),
     )
     if options.backend == "ipex_llm":
-        info.extra["qtypes"] = _ipex_qtypes(model)
+        info.extra["qtypes"] = ipex_qtype_counts(model)
     backend = _make_backend(options, model, tokenizer, max_model_len, info)
     eos = _eos_token_ids(model, tokenizer)
     logger.info(
@@ -225,19 +225,25 @@ def _module_types(model: Any) -> dict[str, int]:
     return count_module_types(model)
 
 
-def _ipex_qtypes(model: Any) -> dict[str, int]:
-    """How many of ipex-llm's low-bit layers hold each format, e.g. {"sym_int4": 11}."""
+def ipex_qtype_counts(root: Any, *, unquantized: bool = False) -> dict[str, int]:
+    """How many of ipex-llm's low-bit layers under `root` hold each format, e.g. {"sym_int4": 11}; with
+    `unquantized`, plain nn.Linear layers too, as "unquantized" (ipex-llm leaves some as they are)."""
     from ipex_llm.ggml.quantize import ggml_tensor_qtype
+    from torch import nn
 
     names: dict[int, str] = {}
     for name, code in ggml_tensor_qtype.items():
         names.setdefault(code, name)  # fp8 and fp8_e5m2 share a code: keep the first spelling
     counts: dict[str, int] = {}
-    for module in model.modules():
+    for module in root.modules():
         qtype = getattr(module, "qtype", None)
         if isinstance(qtype, int):
             label = names.get(qtype, str(qtype))
-            counts[label] = counts.get(label, 0) + 1
+        elif unquantized and type(module) is nn.Linear:
+            label = "unquantized"
+        else:
+            continue
+        counts[label] = counts.get(label, 0) + 1
     return counts
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from llmstack.workers.backends.loader import ipex_qtype_counts
 from llmstack.workers.pipeline.weights import QuantizedLayer, StageLoadError, StageWeights
 
 logger = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def quantize_stage(weights: StageWeights, low_bit: str, config: Any, device: tor
     weights.quantized_bytes = sum(p.numel() * p.element_size() for p in root.parameters())
     _drop_float_projections(weights)
     weights.move_to(device)
-    weights.qtypes = qtype_counts(root)
+    weights.qtypes = ipex_qtype_counts(root, unquantized=True)
     return weights.qtypes
 
 
@@ -107,25 +108,3 @@ def _drop_float_projections(weights: StageWeights) -> None:
         layer.b_qkv = layer.b_o = layer.b_gate_up = layer.b_down = None
     if weights.last:
         weights.lm_head = weights.lm_head_bias = None
-
-
-def qtype_counts(root: Any) -> dict[str, int]:
-    """How many linears hold each format, by ipex-llm's names ("sym_int4"); "unquantized" for any left as
-    nn.Linear (an input width that is not a multiple of 64)."""
-    from ipex_llm.ggml.quantize import ggml_tensor_qtype
-    from torch import nn
-
-    names: dict[int, str] = {}
-    for name, code in ggml_tensor_qtype.items():
-        names.setdefault(code, name)  # fp8 and fp8_e5m2 share a code: keep the first spelling
-    counts: dict[str, int] = {}
-    for module in root.modules():
-        qtype = getattr(module, "qtype", None)
-        if isinstance(qtype, int):
-            label = names.get(qtype, str(qtype))
-        elif type(module) is nn.Linear:
-            label = "unquantized"
-        else:
-            continue
-        counts[label] = counts.get(label, 0) + 1
-    return counts
