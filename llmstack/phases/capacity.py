@@ -247,6 +247,7 @@ class CapacityPhase(OnlinePhase):
             percentiles=self.percentiles,
             slos=goodput_slos(bench),
             extra={"capacity_probe": {"load": load, "role": role, "stopped_early": self.stop_reason}},
+            chat=self.endpoint_name == "chat",
         )
         verdict = verdict_of(summary, bench.slo, self.stop_reason)
         if self.stop_reason is not None:
